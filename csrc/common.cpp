@@ -1,0 +1,50 @@
+// The vectorised block loops of common.h. The float versions are compiled once per ISA
+// (FL_MULTIVERSION); the double versions (gradcheck precision) are plain.
+#include "common.h"
+
+namespace fusedloss {
+namespace {
+
+template <typename T>
+inline T max_impl(const T* x, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+template <typename T>
+inline T sum_exp_impl(const T* x, int64_t n, T shift) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += fast_exp(x[i] - shift);
+  return s;
+}
+
+template <typename T>
+inline T dot_impl(const T* x, const T* w, int64_t n) {
+  T s = 0;
+  if (w == nullptr) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += x[i];
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += x[i] * w[i];
+  }
+  return s;
+}
+
+FL_MULTIVERSION float max_f(const float* x, int64_t n) { return max_impl(x, n); }
+FL_MULTIVERSION float sum_exp_f(const float* x, int64_t n, float s) { return sum_exp_impl(x, n, s); }
+FL_MULTIVERSION float dot_f(const float* x, const float* w, int64_t n) { return dot_impl(x, w, n); }
+
+}  // namespace
+
+template <> float block_max(const float* x, int64_t n) { return max_f(x, n); }
+template <> double block_max(const double* x, int64_t n) { return max_impl(x, n); }
+template <> float block_sum_exp(const float* x, int64_t n, float s) { return sum_exp_f(x, n, s); }
+template <> double block_sum_exp(const double* x, int64_t n, double s) { return sum_exp_impl(x, n, s); }
+template <> float block_dot(const float* x, const float* w, int64_t n) { return dot_f(x, w, n); }
+template <> double block_dot(const double* x, const double* w, int64_t n) { return dot_impl(x, w, n); }
+
+}  // namespace fusedloss

@@ -1,0 +1,112 @@
+// Shared helpers for the CPU kernels: a vectorisable exp, block loads with fp32 upcast,
+// the blocked online log-sum-exp, and the checks every op makes on its arguments.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace fusedloss {
+
+// Rows are processed in blocks that stay in L1: converted to fp32 once, then swept by the
+// vectorised loops below.
+constexpr int64_t kBlock = 1024;
+
+// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64; the loader picks one at run
+// time, so the wheel stays portable and still uses wide vectors where the CPU has them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FL_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FL_MULTIVERSION
+#endif
+
+// exp(x) in fp32 that gcc vectorises (std::exp is not, without -ffast-math). Cephes' expf:
+// x = n*ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r, 2^n built in the exponent bits.
+// About 1 ulp; exp(x) for x < -87.3 flushes to 0 (below FLT_MIN); NaN propagates.
+static inline float fast_exp(float x) {
+  const float xc = std::min(std::max(x, -87.33f), 88.37f);
+  const float n = std::nearbyint(xc * 1.44269504088896341f);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  float y = p * two_n;
+  y = (x < -87.33f) ? 0.0f : y;
+  return (x != x) ? x : y;
+}
+// float64 inputs (gradcheck) keep float64 math.
+static inline double fast_exp(double x) { return std::exp(x); }
+
+// Accumulation type: fp32 for fp32/fp16/bf16, fp64 for fp64.
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+static inline at::ScalarType acc_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Copy `n` elements at stride `stride` into an accumulation-type buffer.
+template <typename scalar_t, typename acc_t>
+static inline void load_block(const scalar_t* src, int64_t stride, int64_t n, acc_t* dst) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i * stride]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+static inline void store_block(const acc_t* src, int64_t n, scalar_t* dst, int64_t stride) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i * stride] = static_cast<scalar_t>(src[i]);
+  }
+}
+
+// Vectorised block loops (common.cpp), for float and double.
+template <typename T> T block_max(const T* x, int64_t n);
+// sum_i exp(x[i] - shift)
+template <typename T> T block_sum_exp(const T* x, int64_t n, T shift);
+// sum_i x[i] * w[i] (w == nullptr: plain sum)
+template <typename T> T block_dot(const T* x, const T* w, int64_t n);
+
+// Online log-sum-exp over blocks: running max m and sum s of exp(x - m). One exp per element,
+// one rescale per block (m only grows, so the rescale factor is <= 1 and never overflows).
+template <typename T>
+struct OnlineLSE {
+  T m = -std::numeric_limits<T>::infinity();
+  T s = 0;
+  void add(const T* x, int64_t n) {
+    const T m_new = std::max(m, block_max(x, n));
+    if (m_new == -std::numeric_limits<T>::infinity()) return;  // all -inf so far
+    s = s * fast_exp(m - m_new) + block_sum_exp(x, n, m_new);
+    m = m_new;
+  }
+  T lse() const { return m + std::log(s); }
+};
+
+// Scalar arguments passed as 0-dim device tensors (so that no host sync is needed on CUDA) are
+// plain reads on the CPU.
+static inline double scalar_or(const c10::optional<at::Tensor>& t, double dflt) {
+  return (t.has_value() && t->defined()) ? t->item<double>() : dflt;
+}
+
+}  // namespace fusedloss
