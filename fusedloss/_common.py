@@ -1,0 +1,51 @@
+"""Argument checks and the reduction step shared by every loss."""
+import torch
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def resolve_reduction(reduction: str, size_average=None, reduce=None) -> str:
+    """The reduction string, honouring PyTorch's legacy size_average / reduce arguments."""
+    if size_average is not None or reduce is not None:
+        size_average = True if size_average is None else size_average
+        reduce = True if reduce is None else reduce
+        reduction = ("mean" if size_average else "sum") if reduce else "none"
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum'; got {reduction!r}")
+    return reduction
+
+
+def check_tensor(name: str, t, floating: bool = True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def check_class_targets(fn: str, target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """Raise IndexError for a class index outside [0, C) that is not ignore_index.
+
+    Reads the target on the host: the callers only run it where that is free or allowed
+    (see _backend.eager_checks_enabled).
+    """
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise IndexError(f"{fn}: target {value} is out of bounds for {n_classes} classes")
+
+
+def reduce_loss(loss: torch.Tensor, reduction: str, denom=None) -> torch.Tensor:
+    """Reduce a per-element loss (kept in the accumulation dtype): sum, or sum / denom for mean
+    (denom a device tensor, default numel); 'none' returns it as is."""
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return total / (loss.numel() if denom is None else denom)
