@@ -1,0 +1,195 @@
+"""Shared benchmark harness: forward+backward time, effective GB/s and peak memory per provider.
+
+Each bench_<loss>.py builds cases (inputs on a device) and providers (callables running forward and
+backward on those inputs), then calls `run`. Results: a markdown table on stdout, rows appended to
+bench/results/results.csv (with device, versions and date) and a JSON file per loss.
+
+Timing: triton.testing.do_bench (median, 20th/80th percentiles) on CUDA; torch.utils.benchmark on
+the CPU. Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the process's peak RSS
+(VmHWM, reset through /proc/self/clear_refs) above its level before the call.
+"""
+import argparse
+import csv
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def parse_args(description: str):
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes, a smoke run")
+    p.add_argument("--providers", default=None, help="comma-separated subset of providers")
+    p.add_argument("--no-save", action="store_true", help="print only; write no CSV/JSON")
+    return p.parse_args()
+
+
+def _rss_kb(field: str):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _fix_mmap_threshold() -> None:
+    """CPU peak memory is read from the process RSS; glibc would keep freed blocks of up to 32 MiB
+    resident (its dynamic mmap threshold), hiding them. A fixed threshold returns every large block
+    to the OS on free, so RSS follows the live tensors. It also adds page faults to every large
+    allocation, so it is set only after all timings are taken."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 512 * 1024)  # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)  # give back what the timing phase left in the heap
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory_mb(fn, device) -> float:
+    """Peak memory that one call of fn adds above what is allocated before it, in MiB."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if not _reset_peak_rss():
+        return float("nan")
+    base = _rss_kb("VmRSS")
+    fn()
+    peak = _rss_kb("VmHWM")
+    return (peak - base) / 1024 if base is not None and peak is not None else float("nan")
+
+
+def time_ms(fn, device):
+    """(median, p20, p80) of one call of fn, in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        q = triton.testing.do_bench(fn, warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
+        return tuple(q)
+    from torch.utils import benchmark
+
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0)
+    times = sorted(t * 1e3 for t in m.times)
+    if len(times) < 3:  # few blocks for slow calls: take a few more single runs
+        times = sorted(times + [t * 1e3 for t in benchmark.Timer(stmt="fn()", globals={"fn": fn})
+                                .timeit(1).times for _ in range(3)])
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    return statistics.median(times), q[1], q[7]
+
+
+def versions() -> dict:
+    v = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        v["triton"] = triton.__version__
+    except ImportError:
+        v["triton"] = ""
+    return v
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def run(loss: str, cases, providers: dict, nbytes, args) -> list:
+    """cases: list of (case_name, make_inputs) with make_inputs() -> inputs;
+    providers: name -> fn(inputs) running forward + backward; nbytes(inputs) -> bytes moved by an
+    ideal fused pass (for GB/s). A provider that raises is reported as failed, not timed."""
+    device = torch.device(args.device)
+    names = list(providers) if not args.providers else args.providers.split(",")
+    rows = []
+    # Phase 1 times every (case, provider); phase 2 measures peak memory (see _fix_mmap_threshold).
+    for case, make in cases:
+        for name in names:
+            inputs = make()
+            fn = lambda: providers[name](inputs)  # noqa: E731
+            try:
+                fn()  # warm-up / compile
+                fn()
+                med, p20, p80 = time_ms(fn, device)
+            except Exception as exc:  # report and go on: one broken provider must not hide others
+                print(f"[{loss}] {case} {name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            gbs = nbytes(inputs) / (med * 1e-3) / 1e9
+            rows.append(dict(loss=loss, case=case, provider=name, median_ms=med, p20_ms=p20,
+                             p80_ms=p80, gb_per_s=gbs, peak_mb=float("nan"),
+                             device=device_name(device), date=datetime.date.today().isoformat(),
+                             **versions()))
+            del inputs
+            gc.collect()
+    if device.type == "cpu":
+        _fix_mmap_threshold()
+    makers = dict(cases)
+    for r in rows:
+        inputs = makers[r["case"]]()
+        fn = lambda: providers[r["provider"]](inputs)  # noqa: E731
+        fn()
+        r["peak_mb"] = peak_memory_mb(fn, device)
+        del inputs
+        gc.collect()
+    print_table(rows)
+    if not args.no_save:
+        save(loss, rows, device.type)
+    return rows
+
+
+def print_table(rows) -> None:
+    print("| case | provider | median ms (p20-p80) | vs first | GB/s | peak MiB |")
+    print("|---|---|---|---|---|---|")
+    first = {}
+    for r in rows:
+        base = first.setdefault(r["case"], r["median_ms"])
+        print(f"| {r['case']} | {r['provider']} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}-"
+              f"{r['p80_ms']:.2f}) | {r['median_ms'] / base:.2f}x | {r['gb_per_s']:.1f} | "
+              f"{r['peak_mb']:.0f} |")
+
+
+def save(loss: str, rows, device_type: str) -> None:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, "results.csv")
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(RESULTS, f"{loss}_{device_type}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+def fwd_bwd(loss_fn, *tensors_needing_grad):
+    """A provider body: loss_fn() -> scalar loss; backward; clear the grads it produced."""
+    out = loss_fn()
+    out.backward()
+    for t in tensors_needing_grad:
+        t.grad = None

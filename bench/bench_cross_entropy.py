@@ -1,0 +1,59 @@
+"""Cross-entropy forward+backward: fusedloss vs eager F.cross_entropy vs torch.compile (and
+Liger-Kernel on CUDA where installed).
+
+    python bench/bench_cross_entropy.py            # CPU here, CUDA where present
+    python bench/bench_cross_entropy.py --quick
+GB/s counts one read of the logits and one write of their gradient.
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+import fusedloss  # noqa: E402
+
+
+def main():
+    args = _common.parse_args(__doc__)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        shapes = [(8192, 32000, torch.bfloat16), (8192, 128256, torch.bfloat16),
+                  (8192, 128256, torch.float32), (4096, 262144, torch.bfloat16)]
+    else:
+        shapes = [(4096, 32000, torch.float32), (4096, 32000, torch.bfloat16)]
+    if args.quick:
+        shapes = [(256, 32000, torch.float32)]
+
+    def make(n, v, dtype):
+        def inputs():
+            g = torch.Generator(device="cpu").manual_seed(0)
+            x = (torch.randn(n, v, generator=g) * 2).to(device=device, dtype=dtype)
+            x.requires_grad_(True)
+            t = torch.randint(0, v, (n,), generator=g).to(device)
+            return x, t
+        return inputs
+
+    compiled = torch.compile(F.cross_entropy)
+    providers = {
+        "fusedloss": lambda i: _common.fwd_bwd(lambda: fusedloss.functional.cross_entropy(*i), i[0]),
+        "torch": lambda i: _common.fwd_bwd(lambda: F.cross_entropy(*i), i[0]),
+        "torch.compile": lambda i: _common.fwd_bwd(lambda: compiled(*i), i[0]),
+    }
+    if device.type == "cuda":
+        try:
+            from liger_kernel.transformers.functional import liger_cross_entropy
+
+            providers["liger"] = lambda i: _common.fwd_bwd(lambda: liger_cross_entropy(*i), i[0])
+        except ImportError:
+            pass
+    cases = [(f"N={n} V={v} {str(dt).replace('torch.', '')}", make(n, v, dt)) for n, v, dt in shapes]
+    nbytes = lambda i: 2 * i[0].numel() * i[0].element_size()  # noqa: E731
+    _common.run("cross_entropy", cases, providers, nbytes, args)
+
+
+if __name__ == "__main__":
+    main()
