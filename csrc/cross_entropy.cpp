@@ -83,7 +83,11 @@ void ce_rows(const at::Tensor& x, const int64_t* tgt, const acc_t* w, acc_t w_su
       const acc_t lse = acc.lse();
       const acc_t xy = static_cast<acc_t>(xr[y * sC]);
       const acc_t wy = w ? w[y] : acc_t(1);
-      loss[r] = (1 - eps) * wy * (lse - xy) + k * (w_sum * lse - swx) + z * lse * lse;
+      // Terms with a zero coefficient are skipped, not multiplied by 0: lse may be huge (inf * 0).
+      acc_t l = (1 - eps) * wy * (lse - xy);
+      if (eps != 0) l += k * (w_sum * lse - swx);
+      if (z != 0) l += z * lse * lse;
+      loss[r] = l;
       lse_out[r] = lse;
       if (!gr) continue;
       const acc_t a = (1 - eps) * wy + k * w_sum + 2 * z * lse;

@@ -82,7 +82,7 @@ class _CrossEntropy(torch.autograd.Function):
                 inplace):
         x3 = _rows3d(input)
         n_classes = x3.shape[1]
-        t = target.reshape(-1).long()
+        t = target.reshape(-1).long().contiguous()
         acc = acc_dtype(input.dtype)
         w = None if weight is None else weight.to(acc).contiguous()
         compute_grad = ctx.needs_input_grad[0]
@@ -104,7 +104,7 @@ class _CrossEntropy(torch.autograd.Function):
         out = reduce_loss(loss, reduction, denom)
         out = out.view(target.shape) if reduction == "none" else out
         out = out.to(input.dtype)
-        ctx.reduction = reduction
+        ctx.reduction, ctx.inplace = reduction, inplace
         ctx.set_materialize_grads(False)
         if compute_grad:
             # The gradient with the input's shape (the input itself when written in place).
@@ -122,14 +122,18 @@ class _CrossEntropy(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad_out is None:
             return (None,) * 8
-        # In place on the saved buffer: no second logits-sized allocation. A second backward
-        # through the same graph (retain_graph) then raises instead of reusing a scaled buffer.
-        if ctx.reduction == "none":
+        if ctx.reduction == "none":  # one factor per row: broadcast over the class dim
             g3 = _rows3d(grad)
-            g3.mul_(grad_out.reshape(g3.shape[0], 1, g3.shape[2]))
+            grad_out = grad_out.reshape(g3.shape[0], 1, g3.shape[2])
         else:
-            grad.mul_(grad_out)
-        return grad, None, None, None, None, None, None, None
+            g3 = grad
+        if ctx.inplace:
+            # The lean path: scale the buffer that already holds the logits' memory. The graph
+            # through this loss can then be backpropagated once (a second time raises).
+            g3.mul_(grad_out)
+            return grad, None, None, None, None, None, None, None
+        # Out of place, so that retain_graph / gradcheck can backpropagate again.
+        return (g3 * grad_out).view(grad.shape), None, None, None, None, None, None, None
 
 
 def _cross_entropy_probs(input, target, weight, reduction, label_smoothing, z_loss):

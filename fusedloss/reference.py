@@ -29,7 +29,11 @@ def cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_sm
     lse = torch.logsumexp(x, dim=1)
     x_y = x.gather(1, y[:, None])[:, 0] if C > 0 else torch.zeros_like(lse)
     w_y = w[y]
-    loss = (1 - eps) * w_y * (lse - x_y) + (eps / C) * (w.sum() * lse - x @ w) + z_loss * lse * lse
+    loss = (1 - eps) * w_y * (lse - x_y)
+    if eps:  # zero-coefficient terms dropped, not multiplied by 0 (lse may be huge)
+        loss = loss + (eps / C) * (w.sum() * lse - x @ w)
+    if z_loss:
+        loss = loss + z_loss * lse * lse
     loss = torch.where(valid, loss, 0.0)
     lse = torch.where(valid, lse, 0.0)
     if not compute_grad:

@@ -45,5 +45,6 @@ def expm1(t):
     u = tl.exp(t)
     small = tl.abs(t) < 0.5
     um1 = u - 1.0
-    kahan = tl.where(u == 1.0, t, um1 * t / tl.log(tl.where(small, u, 2.0)))
+    safe_u = tl.where(small & (u != 1.0), u, 2.0)  # keep log() away from 0 on unused lanes
+    kahan = tl.where(u == 1.0, t, um1 * t / tl.log(safe_u))
     return tl.where(small, kahan, um1)

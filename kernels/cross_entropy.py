@@ -55,7 +55,11 @@ def _cross_entropy_fwd_kernel(
         w_sum = w_sum + C  # W = sum_c w_c = C (only used with smoothing when weighted)
     x_y = tl.load(x_row + y_safe * stride_xc).to(ACC)
     w_y = tl.load(WEIGHT + y_safe).to(ACC) if HAS_WEIGHT else 1.0
-    loss = (1.0 - label_smoothing) * w_y * (lse - x_y) + k * (w_sum * lse - swx) + z_loss * lse * lse
+    # Terms with a zero coefficient are dropped, not multiplied by 0: lse may be huge (inf * 0).
+    loss = (1.0 - label_smoothing) * w_y * (lse - x_y)
+    if HAS_SMOOTHING:
+        loss += k * (w_sum * lse - swx)
+    loss += tl.where(z_loss != 0.0, z_loss * lse * lse, 0.0)
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
     tl.store(LSE + row, tl.where(valid, lse, 0.0))
 

@@ -1,0 +1,306 @@
+"""Cross-entropy: parity with torch.nn.functional.cross_entropy in float64, on every backend."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import fusedloss
+from fusedloss.functional import cross_entropy
+
+ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def reference(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+              z_loss=0.0):
+    """torch's cross-entropy in float64, plus the z-loss term reduced the same way."""
+    x = x.double()
+    w = None if weight is None else weight.double()
+    loss = F.cross_entropy(x, target, weight=w, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if z_loss and not target.is_floating_point():
+        dim = 0 if x.dim() == 1 else 1
+        valid = target != ignore_index
+        z = torch.where(valid, z_loss * torch.logsumexp(x, dim).square(), 0.0)
+        if reduction == "none":
+            loss = loss + z
+        elif reduction == "sum":
+            loss = loss + z.sum()
+        else:
+            wy = valid.double() if w is None else torch.where(valid, w[target.clamp(min=0)], 0.0)
+            loss = loss + z.sum() / wy.sum()
+    return loss
+
+
+def check(x, target, grad_out=None, atol=None, **kw):
+    """Loss and input gradient of fusedloss vs the float64 reference."""
+    atol = ATOL[x.dtype] if atol is None else atol
+    xa = x.detach().clone().requires_grad_(True)
+    xr = x.detach().double().requires_grad_(True)
+    out = cross_entropy(xa, target, **kw)
+    ref = reference(xr, target, **kw)
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    scale = ref.abs().max().item() if ref.numel() else 1.0
+    torch.testing.assert_close(out.double(), ref.detach(), atol=atol * max(1.0, scale), rtol=atol,
+                               equal_nan=True)
+    go = torch.ones_like(ref) if grad_out is None else grad_out.double()
+    (gr,) = torch.autograd.grad(ref, xr, go)
+    (g,) = torch.autograd.grad(out, xa, go.to(out.dtype))
+    gscale = gr.abs().max().item() if gr.numel() else 1.0
+    torch.testing.assert_close(g.double(), gr, atol=atol * max(gscale, 1e-30), rtol=atol)
+    return out, g
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", scale=3.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("V", [2, 7, 1000, 32000, 50257])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_vocab_sizes(backend, V, dtype):
+    n = 3 if backend.interpreted and V > 1000 else 16
+    x = randn(n, V, dtype=dtype, device=backend.device)
+    t = torch.randint(0, V, (n,), device=backend.device)
+    check(x, t)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("ignore_index", [-100, 3, -1])
+def test_options(backend, reduction, weighted, label_smoothing, ignore_index):
+    torch.manual_seed(0)
+    n, V = 12, 37
+    x = randn(n, V, device=backend.device)
+    t = torch.randint(0, V, (n,), device=backend.device)
+    t[::4] = ignore_index  # ignore_index may be negative, or a real class (3)
+    w = torch.rand(V, device=backend.device) + 0.1 if weighted else None
+    check(x, t, weight=w, ignore_index=ignore_index, reduction=reduction,
+          label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("z_loss", [1e-3, 0.5])
+def test_z_loss(backend, reduction, z_loss):
+    x = randn(10, 300, device=backend.device)
+    t = torch.randint(0, 300, (10,), device=backend.device)
+    t[1] = -100
+    check(x, t, reduction=reduction, z_loss=z_loss, label_smoothing=0.1,
+          weight=torch.rand(300, device=backend.device))
+
+
+@pytest.mark.parametrize("shape", [(5,), (4, 6), (2, 6, 3), (2, 6, 3, 2)])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_shapes(backend, shape, reduction):
+    x = randn(*shape, device=backend.device)
+    C = shape[0] if len(shape) == 1 else shape[1]
+    tshape = () if len(shape) == 1 else shape[:1] + shape[2:]
+    t = torch.randint(0, C, tshape, device=backend.device)
+    go = torch.randn(tshape, device=backend.device) if reduction == "none" else None
+    check(x, t, grad_out=go, reduction=reduction, weight=torch.rand(C, device=backend.device),
+          label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("shape", [(6, 5), (3, 5, 4), (5,)])
+def test_probability_targets(backend, shape, reduction):
+    x = randn(*shape, device=backend.device)
+    dim = 0 if len(shape) == 1 else 1
+    t = torch.softmax(torch.randn(*shape, device=backend.device), dim=dim)
+    C = shape[dim]
+    check(x, t, reduction=reduction, weight=torch.rand(C, device=backend.device),
+          label_smoothing=0.15)
+    # the gradient also flows to soft targets, as in torch
+    ta = t.clone().requires_grad_(True)
+    tr = t.double().clone().requires_grad_(True)
+    (gt,) = torch.autograd.grad(cross_entropy(x, ta, reduction="sum"), ta)
+    (gtr,) = torch.autograd.grad(F.cross_entropy(x.double(), tr, reduction="sum"), tr)
+    torch.testing.assert_close(gt.double(), gtr, atol=1e-5, rtol=1e-5)
+
+
+def test_non_contiguous(backend):
+    base = randn(40, 2 * 33, device=backend.device)
+    x = base[::2, ::2]  # strided rows and columns
+    assert not x.is_contiguous()
+    t = torch.randint(0, 33, (20,), device=backend.device)
+    check(x, t, label_smoothing=0.1)
+    x3 = randn(2, 4, 5, 7, device=backend.device).transpose(2, 3)  # (N, C, d1, d2), permuted
+    t3 = torch.randint(0, 7, (2, 4, 5), device=backend.device)
+    check(x3.transpose(1, 2), t3, reduction="sum")
+    tt = torch.randint(0, 33, (40,), device=backend.device)[::2]  # non-contiguous target
+    check(x, tt, reduction="none")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_grad_output(backend, reduction):
+    x = randn(9, 50, device=backend.device)
+    t = torch.randint(0, 50, (9,), device=backend.device)
+    t[0] = -100
+    go = torch.randn(9, device=backend.device) if reduction == "none" else torch.tensor(2.5, device=backend.device)
+    check(x, t, grad_out=go, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_all_ignored_and_empty(backend, reduction):
+    x = randn(4, 9, device=backend.device)
+    t = torch.full((4,), -100, device=backend.device)
+    out, g = check(x, t, reduction=reduction, label_smoothing=0.1)
+    assert torch.all(g == 0)
+    if reduction == "mean":
+        assert torch.isnan(out)  # as torch: 0 / 0
+    e = torch.empty(0, 9, device=backend.device)
+    check(e, torch.empty(0, dtype=torch.long, device=backend.device), reduction=reduction)
+
+
+def test_uint8_target(backend):
+    x = randn(6, 11, device=backend.device)
+    check(x, torch.randint(0, 11, (6,), device=backend.device).to(torch.uint8))
+
+
+def test_confident_bf16_no_worse_than_torch(backend):
+    """True-class probability near 1 in bf16: error vs float64 no worse than torch's own bf16."""
+    torch.manual_seed(0)
+    n, V = 16, 1000
+    x = randn(n, V, device=backend.device, scale=1.0)
+    t = torch.randint(0, V, (n,), device=backend.device)
+    x[torch.arange(n), t] = 14.0  # p_y ~ 1 - 1e-3 .. 1 - 1e-4
+    xb = x.to(torch.bfloat16)
+    for red in ["none", "sum"]:
+        ref = reference(xb.double().requires_grad_(True), t, reduction=red)
+        xa = xb.clone().requires_grad_(True)
+        xt = xb.clone().requires_grad_(True)
+        ours, theirs = cross_entropy(xa, t, reduction=red), F.cross_entropy(xt, t, reduction=red)
+        assert (ours.double() - ref).abs().max() <= (theirs.double() - ref).abs().max() + 1e-12
+        xr = xb.double().requires_grad_(True)
+        (gr,) = torch.autograd.grad(reference(xr, t, reduction=red).sum(), xr)
+        (g,) = torch.autograd.grad(ours.sum(), xa)
+        (gt,) = torch.autograd.grad(theirs.sum(), xt)
+        assert (g.double() - gr).abs().max() <= (gt.double() - gr).abs().max() + 1e-12
+
+
+def test_extreme_logits_finite(backend):
+    x = torch.tensor([[1e4, -1e4, 0.0], [-1e38, 1e38, 0.0], [0.0, 0.0, 0.0]], device=backend.device)
+    t = torch.tensor([0, 0, 2], device=backend.device)
+    check(x, t, reduction="none")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_gradcheck(backend, reduction):
+    x = randn(3, 5, 2, dtype=torch.float64, device=backend.device).requires_grad_(True)
+    t = torch.randint(0, 5, (3, 2), device=backend.device)
+    t[0, 0] = -100
+    w = torch.rand(5, dtype=torch.float64, device=backend.device)
+    assert torch.autograd.gradcheck(
+        lambda x: cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=0.25,
+                                z_loss=0.125), (x,))
+
+
+def test_inplace_backward(backend):
+    x = randn(8, 40, device=backend.device).requires_grad_(True)
+    t = torch.randint(0, 40, (8,), device=backend.device)
+    t[2] = -100
+    (gr,) = torch.autograd.grad(cross_entropy(x, t, label_smoothing=0.1), x)
+    logits = x * 1.0  # a non-leaf, like the output of an LM head
+    ptr = logits.data_ptr()
+    loss = cross_entropy(logits, t, label_smoothing=0.1, inplace_backward=True)
+    loss.backward()
+    torch.testing.assert_close(x.grad, gr, atol=1e-6, rtol=1e-5)
+    assert logits.data_ptr() == ptr  # the gradient was written over the logits
+    # anything that saved the logits for its own backward now raises instead of going wrong
+    y = x.exp()
+    loss = cross_entropy(y, t, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with pytest.raises(ValueError, match="leaf"):
+        cross_entropy(x, t, inplace_backward=True)
+
+
+def test_retain_graph():
+    """Backward twice through the same graph gives the same gradient; with inplace_backward the
+    second backward raises instead (its buffer was scaled in place)."""
+    x = randn(4, 10).requires_grad_(True)
+    t = torch.randint(0, 10, (4,))
+    loss = cross_entropy(x, t)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x, torch.tensor(2.0))
+    torch.testing.assert_close(g2, 2 * g1)
+    loss = cross_entropy(x * 1.0, t, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(target=torch.tensor([0, 1, 7, 2])), IndexError, "target 7 is out of bounds"),
+        (dict(target=torch.tensor([0, 1, -5, 2])), IndexError, "target -5 is out of bounds"),
+        (dict(target=torch.tensor([0, 1, 2])), ValueError, "target must have shape"),
+        (dict(target=torch.tensor([0, 1, 2, 3]).int()), TypeError, "target must hold int64"),
+        (dict(target=torch.rand(4, 3)), ValueError, "probability target"),
+        (dict(weight=torch.rand(4)), ValueError, "weight must have shape"),
+        (dict(weight=torch.ones(5, dtype=torch.long)), TypeError, "weight must be a floating"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+        (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+        (dict(z_loss=-1.0), ValueError, "z_loss"),
+        (dict(input=torch.tensor(1.0)), ValueError, "input must have shape"),
+        (dict(input=torch.ones(4, 5, dtype=torch.long)), TypeError, "input must be a floating"),
+    ],
+)
+def test_bad_input(backend, kwargs, exc, match):
+    args = dict(input=randn(4, 5, device=backend.device),
+                target=torch.tensor([0, 1, 2, 3], device=backend.device))
+    args.update({k: v.to(backend.device) if isinstance(v, torch.Tensor) else v
+                 for k, v in kwargs.items()})
+    with pytest.raises(exc, match=match):
+        cross_entropy(**args)
+
+
+def test_module_matches_torch():
+    w = torch.rand(7)
+    ours = fusedloss.CrossEntropyLoss(weight=w, ignore_index=1, label_smoothing=0.1)
+    theirs = torch.nn.CrossEntropyLoss(weight=w, ignore_index=1, label_smoothing=0.1)
+    x, t = randn(10, 7), torch.randint(0, 7, (10,))
+    torch.testing.assert_close(ours(x, t), theirs(x, t))
+    assert "label_smoothing=0.1" in repr(ours)
+    # legacy size_average / reduce, as torch
+    legacy = fusedloss.CrossEntropyLoss(size_average=False)
+    assert legacy.reduction == "sum"
+    torch.testing.assert_close(legacy(x, t), F.cross_entropy(x, t, reduction="sum"))
+    assert set(dict(ours.named_buffers())) == {"weight"}  # moves with .to(device)
+
+
+def test_opcheck():
+    x = randn(5, 13, 2)
+    t = torch.randint(0, 13, (10,))
+    t[3] = -100
+    for args in [(x, t, None, None, -100, 0.0, 0.0, True),
+                 (x, t, torch.rand(13), torch.tensor(0.5), -100, 0.1, 1e-3, True),
+                 (x.bfloat16(), t, None, None, -100, 0.0, 0.0, False)]:
+        opcheck(torch.ops.fusedloss.cross_entropy_fwd.default, args)
+    opcheck(torch.ops.fusedloss.cross_entropy_fwd_inplace.default,
+            (x.clone(), t, torch.rand(13), torch.tensor(0.1), -100, 0.1, 0.0))
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(16, 300)
+    loss_fn = fusedloss.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)
+
+    def step(h, t):
+        return loss_fn(lin(h), t)
+
+    h, t = torch.randn(32, 16), torch.randint(0, 300, (32,))
+    t[0] = -100
+    (g_eager,) = torch.autograd.grad(step(h, t), lin.weight)
+    compiled = torch.compile(step, fullgraph=True)
+    out = compiled(h, t)
+    (g_comp,) = torch.autograd.grad(out, lin.weight)
+    torch.testing.assert_close(out, step(h, t))
+    torch.testing.assert_close(g_comp, g_eager)
+    # inplace_backward is ignored (not an error) under compile
+    compiled2 = torch.compile(lambda h, t: fusedloss.functional.cross_entropy(
+        lin(h), t, inplace_backward=True), fullgraph=True)
+    (g2,) = torch.autograd.grad(compiled2(h, t), lin.weight)
+    (g2e,) = torch.autograd.grad(F.cross_entropy(lin(h), t), lin.weight)
+    torch.testing.assert_close(g2, g2e)
