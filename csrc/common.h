@@ -54,6 +54,50 @@ static inline float fast_exp(float x) {
 // float64 inputs (gradcheck) keep float64 math.
 static inline double fast_exp(double x) { return std::exp(x); }
 
+// log(x) in fp32 that gcc vectorises (Cephes' logf): x = m * 2^k with m in [sqrt(1/2), sqrt(2)),
+// a degree-9 polynomial in f = m - 1. About 1 ulp; denormals are rescaled first; log(0) = -inf,
+// log(x < 0) = NaN, log(inf) = inf, NaN propagates.
+static inline float fast_log(float x) {
+  const bool sub = x < 1.17549435e-38f;  // FLT_MIN
+  const float xs = sub ? x * 8388608.0f : x;  // * 2^23
+  int32_t bits;
+  std::memcpy(&bits, &xs, sizeof(float));
+  int32_t k = ((bits >> 23) & 0xff) - 126;  // xs = m * 2^k, m in [0.5, 1)
+  bits = (bits & 0x007fffff) | 0x3f000000;
+  float m;
+  std::memcpy(&m, &bits, sizeof(float));
+  k = sub ? k - 23 : k;
+  const bool lo = m < 0.707106781186547524f;
+  k = lo ? k - 1 : k;
+  const float f = lo ? m + m - 1.0f : m - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  const float kf = static_cast<float>(k);
+  y += kf * -2.12194440e-4f - 0.5f * z;
+  float r = f + y + kf * 0.693359375f;
+  r = (x == 0.0f) ? -std::numeric_limits<float>::infinity() : r;
+  r = (x < 0.0f || x != x) ? std::numeric_limits<float>::quiet_NaN() : r;
+  return (x == std::numeric_limits<float>::infinity()) ? x : r;
+}
+static inline double fast_log(double x) { return std::log(x); }
+
+// log(1 + x) for x >= 0 without losing small x (Goldberg: log(u) * x / (u - 1), u = 1 + x,
+// exact when u rounds to 1).
+static inline float fast_log1p(float x) {
+  const float u = 1.0f + x;
+  return (u == 1.0f) ? x : fast_log(u) * (x / (u - 1.0f));
+}
+static inline double fast_log1p(double x) { return std::log1p(x); }
+
 // Accumulation type: fp32 for fp32/fp16/bf16, fp64 for fp64.
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

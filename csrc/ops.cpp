@@ -21,4 +21,15 @@ TORCH_LIBRARY(fusedloss, m) {
       "cross_entropy_fwd_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, "
       "Tensor? grad_scale, int ignore_index, float label_smoothing, float z_loss) "
       "-> (Tensor loss, Tensor lse)");
+  // Sigmoid focal loss, element-wise; input and target contiguous, one shape and dtype.
+  // loss (acc dtype): per element, or if reduce per-chunk partial sums [ceil(numel / 4096)];
+  // grad (if compute_grad): d(loss_elem)/d(input) * grad_scale. alpha < 0 disables alpha.
+  m.def(
+      "sigmoid_focal_fwd(Tensor input, Tensor target, Tensor? grad_scale, float alpha, "
+      "float gamma, bool reduce, bool compute_grad) -> (Tensor loss, Tensor grad)");
+  // Softmax focal loss: logits [N, C, D], target [N*D] int64, alpha per class (acc dtype).
+  // Per-row loss and, if compute_grad, d(loss_row)/d(logits) * grad_scale.
+  m.def(
+      "softmax_focal_fwd(Tensor logits, Tensor target, Tensor? alpha, Tensor? grad_scale, "
+      "int ignore_index, float gamma, bool compute_grad) -> (Tensor loss, Tensor grad)");
 }

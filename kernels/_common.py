@@ -48,3 +48,10 @@ def expm1(t):
     safe_u = tl.where(small & (u != 1.0), u, 2.0)  # keep log() away from 0 on unused lanes
     kahan = tl.where(u == 1.0, t, um1 * t / tl.log(safe_u))
     return tl.where(small, kahan, um1)
+
+
+@triton.jit
+def log1p(t):
+    """log(1 + t) for t >= 0 without losing small t (Goldberg: log(u) * t / (u - 1), u = 1 + t)."""
+    u = 1.0 + t
+    return tl.where(u == 1.0, t, tl.log(u) * (t / tl.where(u == 1.0, 2.0, u - 1.0)))

@@ -1,0 +1,246 @@
+// Focal losses on the CPU, one pass over the inputs, loss and gradient together.
+//
+// Sigmoid focal (element-wise, torchvision.ops.sigmoid_focal_loss), x logit, y target in [0, 1]:
+//   L = alpha_t * ce * q^gamma,  ce = BCE-with-logits(x, y),  q = 1 - p_t = y (1-p) + (1-y) p
+// Every term is built from e = exp(-|x|) (never overflows) and, with u the weight of the small
+// sigmoid (u = 1-y for x >= 0, y for x < 0) and v = 1 - u:
+//   ce = |x| u + log1p(e),   q = (u + v e) / (1 + e)   (q directly, never 1 - p_t)
+// dL/dx = alpha_t [ (p - y) q^gamma + ce * gamma q^(gamma-1) dq/dx ],  dq/dx = (1 - 2y) p (1-p).
+// q^(gamma-1) is infinite at q = 0 for gamma < 1, so it is never formed: with
+//   r = p (1-p) / q = e / ((1 + e)(u + v e))   (in [0, 1]: q >= min(p, 1-p) >= p (1-p))
+// the gradient is alpha_t q^gamma * s(x) * [ (u - v e)/(1 + e) + gamma (u - v) r ce ], s = sign(x),
+// since p - y = s (u - v e)/(1 + e) and 1 - 2y = s (u - v). At u + v e = 0 (q = 0) r's limit is 1.
+//
+// Softmax focal (per row, class-index target t): lp = log p_t = x_t - lse, q = -expm1(lp),
+//   L = -alpha_t q^gamma lp,   dL/dx_j = dL/dlp * ([j == t] - p_j).
+// dL/dlp = -alpha_t [ q^gamma - gamma q^(gamma-1) p_t lp ] = -alpha_t q^gamma [1 - gamma p_t (lp/q)]
+// and lp/q = log(1-q)/q lies in (-inf, -1], -> -1 as q -> 0: q^(gamma-1) is never formed. With
+// A = -dL/dlp >= 0 the gradient has cross-entropy's shape: A p_j off the target, -A q on it.
+// The row's log-sum-exp is cross-entropy's OnlineLSE (common.h).
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <tuple>
+
+#include "common.h"
+
+namespace fusedloss {
+namespace {
+
+// Elements per partial sum when the sigmoid loss is reduced (kernels/focal.py CHUNK).
+constexpr int64_t kChunk = 4096;
+
+template <bool kSquare, bool kGrad, typename T>
+inline T sigmoid_focal_impl(const T* x, const T* y, int64_t n, T alpha, T gamma, T scale, T* loss,
+                            T* g) {
+  T total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = 0; i < n; ++i) {
+    const T xi = x[i], yi = y[i];
+    const T a = std::abs(xi);
+    const T e = fast_exp(-a);
+    const T ope = T(1) + e;
+    const bool pos = xi >= 0;
+    const T u = pos ? T(1) - yi : yi;
+    const T v = pos ? yi : T(1) - yi;
+    const T d = u + v * e;
+    const T q = d / ope;
+    // q^gamma, with 0^0 = 1 (gamma * log(0) would be NaN at gamma = 0).
+    const T qg = kSquare ? q * q : fast_exp(gamma == T(0) ? T(0) : gamma * fast_log(q));
+    const T ce = a * u + fast_log1p(e);
+    const T at = alpha < 0 ? T(1) : alpha * yi + (T(1) - alpha) * (T(1) - yi);
+    const T l = at * ce * qg;
+    loss[i] = l;
+    total += l;
+    if (kGrad) {
+      const T r = d > 0 ? e / (ope * d) : T(1);
+      const T b = (u - v * e) / ope + gamma * (u - v) * r * ce;
+      g[i] = scale * at * qg * (pos ? b : -b);
+    }
+  }
+  return total;
+}
+
+template <typename T>
+inline T sigmoid_focal_dispatch(const T* x, const T* y, int64_t n, T alpha, T gamma, T scale,
+                                T* loss, T* g) {
+  if (gamma == T(2)) {  // the common default: q * q, no log/exp
+    return g ? sigmoid_focal_impl<true, true>(x, y, n, alpha, gamma, scale, loss, g)
+             : sigmoid_focal_impl<true, false>(x, y, n, alpha, gamma, scale, loss, g);
+  }
+  return g ? sigmoid_focal_impl<false, true>(x, y, n, alpha, gamma, scale, loss, g)
+           : sigmoid_focal_impl<false, false>(x, y, n, alpha, gamma, scale, loss, g);
+}
+FL_MULTIVERSION float sigmoid_focal_block(const float* x, const float* y, int64_t n, float alpha,
+                                          float gamma, float scale, float* loss, float* g) {
+  return sigmoid_focal_dispatch(x, y, n, alpha, gamma, scale, loss, g);
+}
+double sigmoid_focal_block(const double* x, const double* y, int64_t n, double alpha,
+                           double gamma, double scale, double* loss, double* g) {
+  return sigmoid_focal_dispatch(x, y, n, alpha, gamma, scale, loss, g);
+}
+
+// g = a * exp(x - shift): the softmax gradient off the target column.
+template <typename T>
+inline void scaled_softmax_impl(const T* x, int64_t n, T shift, T a, T* g) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) g[i] = a * fast_exp(x[i] - shift);
+}
+FL_MULTIVERSION void scaled_softmax_block(const float* x, int64_t n, float shift, float a,
+                                          float* g) {
+  scaled_softmax_impl(x, n, shift, a, g);
+}
+void scaled_softmax_block(const double* x, int64_t n, double shift, double a, double* g) {
+  scaled_softmax_impl(x, n, shift, a, g);
+}
+
+std::tuple<at::Tensor, at::Tensor> sigmoid_focal_fwd(const at::Tensor& input,
+                                                     const at::Tensor& target,
+                                                     const c10::optional<at::Tensor>& grad_scale,
+                                                     double alpha, double gamma, bool reduce,
+                                                     bool compute_grad) {
+  TORCH_CHECK(input.is_contiguous() && target.is_contiguous() &&
+                  target.scalar_type() == input.scalar_type() &&
+                  target.sizes() == input.sizes(),
+              "fusedloss::sigmoid_focal: input and target must be contiguous, of one shape and dtype");
+  TORCH_CHECK(gamma >= 0, "fusedloss::sigmoid_focal: gamma must be >= 0");
+  TORCH_CHECK(!grad_scale.has_value() || grad_scale->numel() == 1,
+              "fusedloss::sigmoid_focal: grad_scale must be a scalar");
+  const int64_t n = input.numel();
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  auto opts = input.options().dtype(acc_dtype(input));
+  at::Tensor loss = reduce ? at::empty({chunks}, opts) : at::empty(input.sizes(), opts);
+  at::Tensor grad = compute_grad ? at::empty(input.sizes(), input.options())
+                                 : at::empty({0}, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedloss_sfl", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    const scalar_t* yp = target.const_data_ptr<scalar_t>();
+    scalar_t* gp = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+    acc_t* lp = loss.data_ptr<acc_t>();
+    const acc_t a = static_cast<acc_t>(alpha), gm = static_cast<acc_t>(gamma);
+    const acc_t scale = static_cast<acc_t>(scalar_or(grad_scale, 1.0));
+    at::parallel_for(0, chunks, 4, [&](int64_t begin, int64_t end) {
+      acc_t xb[kBlock], yb[kBlock], lb[kBlock], gb[kBlock];
+      for (int64_t c = begin; c < end; ++c) {
+        acc_t total = 0;
+        const int64_t stop = std::min(n, (c + 1) * kChunk);
+        for (int64_t i0 = c * kChunk; i0 < stop; i0 += kBlock) {
+          const int64_t nb = std::min(kBlock, stop - i0);
+          load_block(xp + i0, 1, nb, xb);
+          load_block(yp + i0, 1, nb, yb);
+          total += sigmoid_focal_block(xb, yb, nb, a, gm, scale, lb, gp ? gb : nullptr);
+          if (!reduce) std::memcpy(lp + i0, lb, nb * sizeof(acc_t));
+          if (gp) store_block(gb, nb, gp + i0, 1);
+        }
+        if (reduce) lp[c] = total;
+      }
+    });
+  });
+  return {loss, grad};
+}
+
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+void softmax_focal_rows(const at::Tensor& x, const int64_t* tgt, const acc_t* alpha, acc_t gamma,
+                        acc_t scale, int64_t ignore_index, scalar_t* g, at::IntArrayRef g_strides,
+                        acc_t* loss, std::atomic<int64_t>& bad) {
+  const int64_t N = x.size(0), C = x.size(1), D = x.size(2);
+  const int64_t sN = x.stride(0), sC = x.stride(1), sD = x.stride(2);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const int64_t gN = g ? g_strides[0] : 0, gC = g ? g_strides[1] : 0, gD = g ? g_strides[2] : 0;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+
+  at::parallel_for(0, N * D, grain, [&](int64_t begin, int64_t end) {
+    acc_t buf[kBlock];
+    acc_t gbuf[kBlock];
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / D, s = r % D;
+      const scalar_t* xr = xp + n * sN + s * sD;
+      scalar_t* gr = g ? g + n * gN + s * gD : nullptr;
+      const int64_t t = tgt[r];
+      const bool valid = t != ignore_index;
+      const bool in_range = t >= 0 && t < C;
+      if (valid && !in_range) {
+        int64_t none = std::numeric_limits<int64_t>::min();
+        bad.compare_exchange_strong(none, t);  // reported after the loop, as an IndexError
+      }
+      if (!valid || !in_range) {
+        loss[r] = 0;
+        if (gr) {
+          for (int64_t c = 0; c < C; ++c) gr[c * gC] = scalar_t(0);
+        }
+        continue;
+      }
+      OnlineLSE<acc_t> acc;
+      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+        const int64_t nb = std::min(kBlock, C - c0);
+        load_block(xr + c0 * sC, sC, nb, buf);
+        acc.add(buf, nb);
+      }
+      const acc_t lse = acc.lse();
+      const acc_t lp = std::min(static_cast<acc_t>(xr[t * sC]) - lse, acc_t(0));
+      const acc_t q = -std::expm1(lp);
+      const acc_t at = alpha ? alpha[t] : acc_t(1);
+      const acc_t qg = std::pow(q, gamma);  // pow(0, 0) = 1
+      loss[r] = -at * qg * lp;
+      if (!gr) continue;
+      const acc_t ratio = q > 0 ? lp / q : acc_t(-1);  // log(1-q)/q -> -1 as q -> 0
+      const acc_t a = scale * at * qg * (1 - gamma * std::exp(lp) * ratio);
+      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+        const int64_t nb = std::min(kBlock, C - c0);
+        load_block(xr + c0 * sC, sC, nb, buf);
+        scaled_softmax_block(buf, nb, lse, a, gbuf);
+        store_block(gbuf, nb, gr + c0 * gC, gC);
+      }
+      gr[t * gC] = static_cast<scalar_t>(-a * q);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_focal_fwd(const at::Tensor& logits,
+                                                     const at::Tensor& target,
+                                                     const c10::optional<at::Tensor>& alpha,
+                                                     const c10::optional<at::Tensor>& grad_scale,
+                                                     int64_t ignore_index, double gamma,
+                                                     bool compute_grad) {
+  TORCH_CHECK(logits.dim() == 3, "fusedloss::softmax_focal: logits must be viewed as [N, C, D]");
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.is_contiguous() &&
+                  target.numel() == logits.size(0) * logits.size(2),
+              "fusedloss::softmax_focal: target must be a contiguous int64 vector of N*D rows");
+  TORCH_CHECK(!alpha.has_value() ||
+                  (alpha->scalar_type() == acc_dtype(logits) && alpha->is_contiguous() &&
+                   alpha->numel() == logits.size(1)),
+              "fusedloss::softmax_focal: alpha must be a contiguous vector of C classes in the "
+              "accumulation dtype (fp32, fp64 for fp64 logits)");
+  TORCH_CHECK(!grad_scale.has_value() || grad_scale->numel() == 1,
+              "fusedloss::softmax_focal: grad_scale must be a scalar");
+  TORCH_CHECK(gamma >= 0, "fusedloss::softmax_focal: gamma must be >= 0");
+  const int64_t rows = logits.size(0) * logits.size(2);
+  at::Tensor loss = at::empty({rows}, logits.options().dtype(acc_dtype(logits)));
+  at::Tensor grad = compute_grad ? at::empty(logits.sizes(), logits.options())
+                                 : at::empty({0}, logits.options());
+  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::min()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fusedloss_smfl", [&] {
+    using acc_t = acc_type<scalar_t>;
+    softmax_focal_rows<scalar_t>(
+        logits, target.const_data_ptr<int64_t>(),
+        alpha.has_value() ? alpha->const_data_ptr<acc_t>() : nullptr, static_cast<acc_t>(gamma),
+        static_cast<acc_t>(scalar_or(grad_scale, 1.0)), ignore_index,
+        compute_grad ? grad.data_ptr<scalar_t>() : nullptr,
+        compute_grad ? grad.strides() : at::IntArrayRef(), loss.data_ptr<acc_t>(), bad);
+  });
+  const int64_t b = bad.load();
+  TORCH_CHECK_INDEX(b == std::numeric_limits<int64_t>::min(), "fusedloss.softmax_focal_loss: target ",
+                    b, " is out of bounds for ", logits.size(1), " classes");
+  return {loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("sigmoid_focal_fwd", &sigmoid_focal_fwd);
+  m.impl("softmax_focal_fwd", &softmax_focal_fwd);
+}
+
+}  // namespace fusedloss
