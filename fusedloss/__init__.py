@@ -5,7 +5,9 @@ drop-in functions (fusedloss.functional) and nn.Modules.
 """
 from . import _backend, functional, reference
 from .modules import CrossEntropyLoss
+from . import training
+from .training import TrainStep
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "reference", "CrossEntropyLoss"]
+__all__ = ["functional", "reference", "CrossEntropyLoss", "training", "TrainStep"]
