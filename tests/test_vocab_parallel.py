@@ -1,0 +1,229 @@
+"""Vocab-parallel cross-entropy on 2, 3 and 4 gloo processes (CPU), each rank holding a slice of the
+vocab, against float64 F.cross_entropy on the full logits: loss and each shard's gradient, and the
+number of collectives in forward and backward.
+
+One spawned job per world size runs every case (spawning costs seconds, a case milliseconds).
+A failure on any rank makes torch.multiprocessing.spawn stop the others and raise here.
+"""
+import contextlib
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import fusedloss
+from fusedloss import _backend
+from fusedloss.functional import vocab_parallel_cross_entropy
+
+ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+# Every torch.distributed entry point that communicates: counted, whichever the code uses.
+COMM = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "_all_gather_base",
+        "all_gather_object", "all_gather_coalesced", "all_reduce_coalesced", "reduce", "broadcast",
+        "gather", "scatter", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single",
+        "_reduce_scatter_base", "all_to_all", "all_to_all_single", "send", "recv", "isend",
+        "irecv", "batch_isend_irecv", "barrier", "broadcast_object_list")
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Wrap every torch.distributed collective; yields a list that grows by one name per call."""
+    calls, saved = [], {}
+    for name in COMM:
+        fn = getattr(dist, name, None)
+        if fn is None:
+            continue
+        saved[name] = fn
+
+        def wrapped(*a, _fn=fn, _name=name, **k):
+            calls.append(_name)
+            return _fn(*a, **k)
+
+        setattr(dist, name, wrapped)
+    try:
+        yield calls
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+def reference(full, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):
+    """float64 F.cross_entropy on the full logits (rows [-1, V]) plus the z-loss term by hand."""
+    x = full.double().reshape(-1, full.shape[-1])
+    t = target.reshape(-1)
+    loss = F.cross_entropy(x, t, ignore_index=ignore_index, reduction="none",
+                           label_smoothing=label_smoothing)
+    valid = t != ignore_index
+    loss = loss + torch.where(valid, z_loss * torch.logsumexp(x, 1).square(), 0.0)
+    if reduction == "none":
+        return loss.view(target.shape)
+    return loss.sum() if reduction == "sum" else loss.sum() / valid.sum()
+
+
+def close(actual, expected, atol):
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected, atol=atol * max(1.0, scale), rtol=atol,
+                               equal_nan=True)
+
+
+def run_case(widths, shape=(6,), dtype=torch.float32, reduction="mean", ignore_index=-100,
+             n_ignored=2, label_smoothing=0.0, z_loss=0.0, pass_start=False, group=None, seed=0,
+             module=False, backend=""):
+    """One case on this rank: inputs built from the same seed on every rank; rank r holds
+    columns [sum(widths[:r]), + widths[r]) of the full logits."""
+    rank = dist.get_rank(group)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = sum(widths)
+    full = (torch.randn(*shape, vocab, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    target = torch.randint(0, vocab, shape, generator=gen)
+    flat = target.view(-1)
+    flat[torch.randperm(flat.numel(), generator=gen)[:n_ignored]] = ignore_index
+    start = sum(widths[:rank])
+    shard = full[..., start:start + widths[rank]].clone().requires_grad_(True)
+    kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+              z_loss=z_loss)
+    fn = (fusedloss.VocabParallelCrossEntropyLoss(group, start if pass_start else None, **kw)
+          if module else
+          lambda x, t: vocab_parallel_cross_entropy(x, t, process_group=group,
+                                                    vocab_start_index=start if pass_start
+                                                    else None, **kw))
+    saved_env, _backend._ENV = _backend._ENV, backend
+    try:
+        with count_collectives() as fwd_calls:
+            out = fn(shard, target)
+        ref_x = full.double().requires_grad_(True)
+        ref = reference(ref_x, target, **kw)
+        assert out.dtype == dtype and out.shape == ref.shape, (out.dtype, out.shape, ref.shape)
+        close(out, ref.detach(), ATOL[dtype])
+        # The packed all-gather, plus the widths' all-gather when the start is not given.
+        assert fwd_calls == ["all_gather_single"] * (1 if pass_start else 2), fwd_calls
+        go = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+        with count_collectives() as bwd_calls:
+            out.backward(go.to(dtype))
+        assert bwd_calls == [], bwd_calls
+    finally:
+        _backend._ENV = saved_env
+    (ref_grad,) = torch.autograd.grad(ref, ref_x, go)
+    close(shard.grad, ref_grad[..., start:start + widths[rank]], ATOL[dtype])
+
+
+def cases(world):
+    """(widths, options) for a world size: even, uneven and (world 4) empty shards."""
+    shards = {2: [[5, 5], [9, 2]], 3: [[4, 1, 6], [3, 3, 3]], 4: [[3, 0, 5, 2], [4, 4, 4, 4]]}
+    for widths in shards[world]:
+        for reduction in ("none", "mean", "sum"):
+            for eps, z in ((0.0, 0.0), (0.1, 0.0), (0.0, 1e-2), (0.3, 1e-2), (1.0, 0.0)):
+                yield widths, dict(reduction=reduction, label_smoothing=eps, z_loss=z)
+        w = widths
+        yield w, dict(pass_start=True, label_smoothing=0.1)
+        yield w, dict(ignore_index=3, n_ignored=3, reduction="sum")  # ignore_index a real class
+        yield w, dict(n_ignored=6, reduction="mean")                 # all ignored: nan, zero grad
+        yield w, dict(n_ignored=6, reduction="sum", label_smoothing=0.2)
+        yield w, dict(shape=(2, 3), z_loss=1e-3, label_smoothing=0.1, reduction="none")
+        yield w, dict(shape=(), n_ignored=0, reduction="none")      # logits (V_r,), target ()
+        yield w, dict(shape=(0,), n_ignored=0, reduction="sum")     # no rows
+        yield w, dict(dtype=torch.float64, label_smoothing=0.2, z_loss=1e-2)
+        yield w, dict(dtype=torch.bfloat16, label_smoothing=0.1)
+        yield w, dict(module=True, label_smoothing=0.1, z_loss=1e-2, reduction="sum")
+        yield w, dict(backend="reference", label_smoothing=0.1, z_loss=1e-2)
+        yield w, dict(backend="triton", shape=(3,), n_ignored=1, label_smoothing=0.1)
+
+
+def check_errors(world):
+    """Bad input: every rank raises a clear exception, together (no rank hangs in a collective)."""
+    rank = dist.get_rank()
+    x = torch.randn(4, 3)
+    t = torch.randint(0, 3 * world, (4,), generator=torch.Generator().manual_seed(0))  # same on all
+    with pytest.raises(ValueError, match="reduction"):
+        vocab_parallel_cross_entropy(x, t, reduction="avg")
+    with pytest.raises(ValueError, match="target must have shape"):
+        vocab_parallel_cross_entropy(x, t[:3])
+    with pytest.raises(TypeError, match="target must hold int64"):
+        vocab_parallel_cross_entropy(x, t.int())
+    with pytest.raises(ValueError, match="label_smoothing"):
+        vocab_parallel_cross_entropy(x, t, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="vocab_start_index"):
+        vocab_parallel_cross_entropy(x, t, vocab_start_index=-1)
+    # Checks after the all-gather: all ranks see the same data and raise the same error.
+    with pytest.raises(ValueError, match="tile"):  # every rank claims columns [0, 3)
+        vocab_parallel_cross_entropy(x, t, vocab_start_index=0)
+    with pytest.raises(ValueError, match="target differs across the ranks"):
+        vocab_parallel_cross_entropy(x, (t + rank) % (3 * world))
+    bad = t.clone()
+    bad[1] = 3 * world  # one past the global vocab
+    with pytest.raises(IndexError, match=f"target {3 * world} is out of bounds for {3 * world}"):
+        vocab_parallel_cross_entropy(x, bad)
+    bad[1] = -2
+    with pytest.raises(IndexError, match="target -2 is out of bounds"):
+        vocab_parallel_cross_entropy(x, bad)
+
+
+def check_subgroup(world):
+    """A process group of ranks 1..world-1: ranks are the group's, not the world's."""
+    members = list(range(1, world))
+    group = dist.new_group(members)  # every rank must call new_group
+    if dist.get_rank() in members:
+        widths = [2 + i for i in range(len(members))]
+        run_case(widths, group=group, label_smoothing=0.1, z_loss=1e-2)
+        run_case(widths, group=group, pass_start=True, reduction="none")
+    else:
+        with pytest.raises(ValueError, match="not a member of process_group"):
+            vocab_parallel_cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long),
+                                         process_group=group)
+    dist.destroy_process_group(group)
+
+
+def check_dtensor(world):
+    """A DTensor sharded on the last dim (torch.chunk's uneven split) works as a plain shard."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(7)
+    vocab = 2 * world + 1
+    full = torch.randn(5, vocab, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, vocab, (5,), generator=gen)
+    x = distribute_tensor(full, mesh, [Shard(1)]).requires_grad_(True)
+    for tgt in (target, distribute_tensor(target, mesh, [Replicate()])):
+        out = vocab_parallel_cross_entropy(x, tgt, label_smoothing=0.1)
+        ref_x = full.clone().requires_grad_(True)
+        ref = reference(ref_x, target, label_smoothing=0.1)
+        close(out, ref.detach(), ATOL[torch.float64])
+        out.backward()
+        ref.backward()
+        expected = distribute_tensor(ref_x.grad, mesh, [Shard(1)]).to_local()
+        close(x.grad.to_local(), expected, ATOL[torch.float64])
+        x.grad = None
+    with pytest.raises(ValueError, match="sharded on its last dimension"):
+        vocab_parallel_cross_entropy(distribute_tensor(full, mesh, [Shard(0)]), target)
+
+
+def _worker(rank, world, init_method):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for i, (widths, kw) in enumerate(cases(world)):
+            try:
+                run_case(widths, seed=i, **kw)
+            except Exception as e:  # name the case in the report
+                raise AssertionError(f"rank {rank}, widths {widths}, {kw}: {e}") from e
+        check_errors(world)
+        check_subgroup(world)
+        check_dtensor(world)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_vocab_parallel(world, tmp_path):
+    # A file store in a fresh directory: no TCP port to pick or race for.
+    mp.spawn(_worker, args=(world, f"file://{tmp_path / 'store'}"), nprocs=world, join=True)
+
+
+def test_needs_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vocab_parallel_cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
