@@ -33,3 +33,46 @@ class CrossEntropyLoss(nn.Module):
         if self.inplace_backward:
             s += ", inplace_backward=True"
         return s
+
+
+class SigmoidFocalLoss(nn.Module):
+    """Module form of fusedloss.functional.sigmoid_focal_loss (torchvision's formula); the
+    normalizer, when needed, is passed per call."""
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "mean"):
+        super().__init__()
+        self.alpha = alpha
+        self.gamma = gamma
+        self.reduction = resolve_reduction(reduction)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, normalizer=None) -> torch.Tensor:
+        return F.sigmoid_focal_loss(inputs, targets, alpha=self.alpha, gamma=self.gamma,
+                                    reduction=self.reduction, normalizer=normalizer)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
+
+
+class SoftmaxFocalLoss(nn.Module):
+    """Module form of fusedloss.functional.softmax_focal_loss; a per-class alpha is a buffer."""
+
+    def __init__(self, gamma: float = 2.0, alpha=None, ignore_index: int = -100,
+                 reduction: str = "mean"):
+        super().__init__()
+        self.gamma = gamma
+        if isinstance(alpha, torch.Tensor):
+            self.register_buffer("alpha", alpha)
+        else:
+            self.alpha = alpha
+        self.ignore_index = ignore_index
+        self.reduction = resolve_reduction(reduction)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.softmax_focal_loss(input, target, gamma=self.gamma, alpha=self.alpha,
+                                    ignore_index=self.ignore_index, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        s = f"gamma={self.gamma}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        if self.alpha is not None and not isinstance(self.alpha, torch.Tensor):
+            s += f", alpha={self.alpha}"
+        return s

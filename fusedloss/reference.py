@@ -49,3 +49,68 @@ def cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_sm
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     grad.copy_(g)
     return loss, lse, grad
+
+
+# Focal losses (fusedloss::sigmoid_focal_fwd, fusedloss::softmax_focal_fwd). The formulas and the
+# derivation of the gradients are in csrc/focal.cpp; chunk of the reduced sigmoid loss: 4096.
+_FOCAL_CHUNK = 4096
+
+
+def _pow_gamma(q, gamma):
+    """q^gamma for q in [0, 1], with 0^0 = 1."""
+    return torch.ones_like(q) if gamma == 0 else q.pow(gamma)
+
+
+def sigmoid_focal_fwd(input, target, grad_scale, alpha, gamma, reduce, compute_grad):
+    """Reference for fusedloss::sigmoid_focal_fwd: element-wise loss (or per-4096-chunk partial
+    sums if reduce) in the acc dtype and, if compute_grad, d(loss)/d(input) * grad_scale."""
+    acc = acc_dtype(input.dtype)
+    x, y = input.to(acc), target.to(acc)
+    a = x.abs()
+    e = torch.exp(-a)
+    pos = x >= 0
+    u = torch.where(pos, 1 - y, y)
+    v = torch.where(pos, y, 1 - y)
+    d = u + v * e
+    qg = _pow_gamma(d / (1 + e), gamma)
+    ce = a * u + torch.log1p(e)
+    at = alpha * y + (1 - alpha) * (1 - y) if alpha >= 0 else torch.ones_like(y)
+    loss = at * ce * qg
+    if reduce:
+        flat = loss.reshape(-1)
+        pad = (-flat.numel()) % _FOCAL_CHUNK
+        loss = torch.cat([flat, flat.new_zeros(pad)]).view(-1, _FOCAL_CHUNK).sum(1)
+    if not compute_grad:
+        return loss, input.new_empty(0)
+    r = torch.where(d > 0, e / ((1 + e) * torch.where(d > 0, d, 1.0)), 1.0)
+    b = (u - v * e) / (1 + e) + gamma * (u - v) * r * ce
+    g = at * qg * torch.where(pos, b, -b)
+    if grad_scale is not None:
+        g = g * grad_scale.to(acc)
+    return loss, g.to(input.dtype)
+
+
+def softmax_focal_fwd(logits, target, alpha, grad_scale, ignore_index, gamma, compute_grad):
+    """Reference for fusedloss::softmax_focal_fwd: logits [N, C, D], target [N*D] int64."""
+    N, C, D = logits.shape
+    acc = acc_dtype(logits.dtype)
+    x = logits.to(acc).permute(0, 2, 1).reshape(N * D, C)
+    valid = (target != ignore_index) & (target >= 0) & (target < C)
+    t = torch.where(valid, target, 0)
+    lse = torch.logsumexp(x, dim=1)
+    lp = (x.gather(1, t[:, None])[:, 0] - lse).clamp(max=0)
+    q = -torch.expm1(lp)
+    a_t = torch.ones_like(lp) if alpha is None else alpha.to(acc)[t]
+    qg = _pow_gamma(q, gamma)
+    loss = torch.where(valid, -a_t * qg * lp, 0.0)
+    if not compute_grad:
+        return loss, logits.new_empty(0)
+    ratio = torch.where(q > 0, lp / torch.where(q > 0, q, 1.0), -1.0)
+    a = a_t * qg * (1 - gamma * torch.exp(lp) * ratio)
+    if grad_scale is not None:
+        a = a * grad_scale.to(acc)
+    a = torch.where(valid, a, 0.0)
+    g = torch.exp(x - lse[:, None]) * a[:, None]
+    g.scatter_(1, t[:, None], (-a * q)[:, None])
+    g = g.reshape(N, D, C).permute(0, 2, 1)
+    return loss, g.to(logits.dtype).contiguous()

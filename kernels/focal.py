@@ -1,0 +1,154 @@
+"""Focal losses: sigmoid (element-wise, one program per CHUNK elements) and softmax (one program
+per row). Same contracts and formulas as csrc/focal.cpp.
+
+Sigmoid, with e = exp(-|x|), u = 1-y (x >= 0) or y (x < 0), v = 1 - u, s = sign(x):
+  ce = |x| u + log1p(e),  q = 1 - p_t = (u + v e)/(1 + e),  L = alpha_t ce q^gamma
+  dL/dx = alpha_t q^gamma s [ (u - v e)/(1 + e) + gamma (u - v) r ce ],  r = p(1-p)/q = e/((1+e)(u+v e))
+  (r in [0, 1], limit 1 at q = 0), which is gamma q^(gamma-1) dq/dx without forming q^(gamma-1).
+Softmax, lp = x_t - lse, q = -expm1(lp), L = -alpha_t q^gamma lp:
+  dL/dx_j = A (p_j - [j == t]),  A = alpha_t q^gamma (1 - gamma p_t lp/q),  lp/q -> -1 as q -> 0
+  (written A p_j off the target and -A q on it, as cross-entropy does).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, expm1, log1p, online_lse_step, row_block, tl_acc
+
+# Elements per partial sum of the reduced sigmoid loss (kChunk in csrc/focal.cpp).
+CHUNK = 4096
+
+
+@triton.jit
+def _pow_gamma(q, gamma):
+    """q^gamma for q in [0, 1], gamma >= 0, with 0^0 = 1 (and no 0 * log(0) formed)."""
+    pos = q > 0
+    return tl.where(pos, tl.exp(gamma * tl.log(tl.where(pos, q, 1.0))), tl.where(gamma == 0.0, 1.0, 0.0))
+
+
+@triton.jit
+def _sigmoid_focal_fwd_kernel(
+    X, Y, GRAD_SCALE, LOSS, G, n, alpha, gamma,
+    HAS_ALPHA: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, REDUCE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    y = tl.load(Y + offs, mask=mask, other=0.0).to(ACC)
+    a = tl.abs(x)
+    e = tl.exp(-a)
+    ope = 1.0 + e
+    pos = x >= 0
+    u = tl.where(pos, 1.0 - y, y)
+    v = tl.where(pos, y, 1.0 - y)
+    d = u + v * e
+    qg = _pow_gamma(d / ope, gamma)
+    ce = a * u + log1p(e)
+    if HAS_ALPHA:
+        at = alpha * y + (1.0 - alpha) * (1.0 - y)
+    else:
+        at = tl.full((BLOCK,), 1.0, ACC)
+    loss = tl.where(mask, at * ce * qg, 0.0)
+    if REDUCE:
+        tl.store(LOSS + pid, tl.sum(loss, 0))
+    else:
+        tl.store(LOSS + offs, loss, mask=mask)
+    if COMPUTE_GRAD:
+        scale = tl.load(GRAD_SCALE).to(ACC) if HAS_GRAD_SCALE else 1.0
+        r = tl.where(d > 0, e / (ope * tl.where(d > 0, d, 1.0)), 1.0)
+        b = (u - v * e) / ope + gamma * (u - v) * r * ce
+        g = scale * at * qg * tl.where(pos, b, -b)
+        tl.store(G + offs, g.to(G.dtype.element_ty), mask=mask)
+
+
+def sigmoid_focal_fwd(input, target, grad_scale, alpha, gamma, reduce, compute_grad):
+    """Launch on contiguous input/target of one shape and dtype; same contract as the C++ op."""
+    n = input.numel()
+    acc = acc_dtype(input.dtype)
+    chunks = triton.cdiv(n, CHUNK)
+    if reduce:
+        loss = torch.empty(chunks, dtype=acc, device=input.device)
+    else:
+        loss = torch.empty(input.shape, dtype=acc, device=input.device)
+    grad = torch.empty_like(input) if compute_grad else input.new_empty(0)
+    if n == 0:
+        return loss, grad
+    _sigmoid_focal_fwd_kernel[(chunks,)](
+        input, target, grad_scale if grad_scale is not None else loss, loss,
+        grad if compute_grad else input, n, float(alpha), float(gamma),
+        HAS_ALPHA=alpha >= 0, HAS_GRAD_SCALE=grad_scale is not None, REDUCE=reduce,
+        COMPUTE_GRAD=compute_grad, ACC=tl_acc(input.dtype), BLOCK=CHUNK, num_warps=8,
+    )
+    return loss, grad
+
+
+@triton.jit
+def _softmax_focal_fwd_kernel(
+    X, stride_xn, stride_xc, stride_xd, D,
+    TARGET, ALPHA, GRAD_SCALE, LOSS,
+    G, stride_gn, stride_gc, stride_gd,
+    C, ignore_index, gamma,
+    HAS_ALPHA: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    n = row // D
+    d = row - n * D
+    x_row = X + n * stride_xn + d * stride_xd
+    t = tl.load(TARGET + row)
+    # Out-of-range targets are reported on the host (eager) before launch; here they only must
+    # not read out of bounds, so they are treated like ignored rows.
+    valid = (t != ignore_index) & (t >= 0) & (t < C)
+    t_safe = tl.where(valid, t, 0)
+    c_read = tl.where(valid, C, 0)  # columns to read: none for ignored rows
+
+    m = tl.full((), float("-inf"), ACC)
+    s = tl.zeros((), ACC)
+    for off in range(0, C, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        x = tl.load(x_row + cols * stride_xc, mask=cols < c_read, other=0.0).to(ACC)
+        m, s = online_lse_step(m, s, tl.where(cols < C, x, float("-inf")))
+    lse = tl.where(valid, m + tl.log(s), 0.0)  # ignored rows: keep exp(x - lse) finite
+    x_t = tl.load(x_row + t_safe * stride_xc).to(ACC)
+    lp = tl.minimum(x_t - lse, 0.0)
+    q = -expm1(lp)
+    a_t = tl.load(ALPHA + t_safe).to(ACC) if HAS_ALPHA else 1.0
+    qg = _pow_gamma(q, gamma)
+    tl.store(LOSS + row, tl.where(valid, -a_t * qg * lp, 0.0))
+
+    if COMPUTE_GRAD:
+        scale = tl.load(GRAD_SCALE).to(ACC) if HAS_GRAD_SCALE else 1.0
+        ratio = tl.where(q > 0, lp / tl.where(q > 0, q, 1.0), -1.0)  # log(1-q)/q -> -1 as q -> 0
+        a = scale * a_t * qg * (1.0 - gamma * tl.exp(lp) * ratio)
+        a = tl.where(valid, a, 0.0)
+        g_row = G + n * stride_gn + d * stride_gd
+        for off in range(0, C, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            x = tl.load(x_row + cols * stride_xc, mask=cols < c_read, other=0.0).to(ACC)
+            g = tl.where(cols == t_safe, -a * q, a * tl.exp(x - lse))
+            tl.store(g_row + cols * stride_gc, g.to(G.dtype.element_ty), mask=cols < C)
+
+
+def softmax_focal_fwd(logits, target, alpha, grad_scale, ignore_index, gamma, compute_grad):
+    """Launch on logits [N, C, D] and target [N*D] int64; same contract as the C++ op."""
+    N, C, D = logits.shape
+    rows = N * D
+    loss = torch.empty(rows, dtype=acc_dtype(logits.dtype), device=logits.device)
+    grad = (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad
+            else logits.new_empty(0))
+    if rows == 0:
+        return loss, grad
+    g = grad if compute_grad else logits
+    block, num_warps = row_block(C)
+    _softmax_focal_fwd_kernel[(rows,)](
+        logits, *logits.stride(), D,
+        target, alpha if alpha is not None else loss,
+        grad_scale if grad_scale is not None else loss, loss,
+        g, *g.stride(),
+        C, ignore_index, float(gamma),
+        HAS_ALPHA=alpha is not None, HAS_GRAD_SCALE=grad_scale is not None,
+        COMPUTE_GRAD=compute_grad, ACC=tl_acc(logits.dtype), BLOCK=block, num_warps=num_warps,
+    )
+    return loss, grad
