@@ -83,9 +83,10 @@ def global_norm(tensors, norm_type=2.0) -> torch.Tensor:
     for t in tensors:
         if not t.is_floating_point():
             raise TypeError(f"tensors must be floating point, got {t.dtype}")
+    first = tensors[0].device if tensors else None
+    tensors = [t for t in tensors if t.numel()]  # empty ones add nothing (and break the inf norm)
     if not tensors:
-        return torch.zeros((), dtype=torch.float32)
-    first = tensors[0].device
+        return torch.zeros((), dtype=torch.float32, device=first)
     per_device = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(ts, p, dtype=torch.float32)), p)
                   for ts in _by_device(tensors).values()]
     if len(per_device) == 1:
