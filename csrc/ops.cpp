@@ -10,17 +10,20 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fusedloss, m) {
-  // logits viewed as [N, C, D] (D = prod of spatial dims, 1 for (N, C)); target [N*D] int64.
-  // Returns the per-row loss and lse (fp32; fp64 for fp64 logits) and, if compute_grad, d(loss_row)/d(logits) * grad_scale.
+  // Cross-entropy: logits viewed as [N, C, D] (D = prod of spatial dims, 1 for (N, C)); target
+  // [N*D] int64; weight [C] in the acc dtype (fp32; fp64 for fp64 logits).
+  // Forward: the per-row loss and lse, in the acc dtype.
   m.def(
-      "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? grad_scale, "
-      "int ignore_index, float label_smoothing, float z_loss, bool compute_grad) "
-      "-> (Tensor loss, Tensor lse, Tensor grad)");
-  // Same, writing the gradient over the logits.
+      "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, float z_loss) -> (Tensor loss, Tensor lse)");
+  // Backward: d(loss_row)/d(logits) * grad_scale (acc dtype, a scalar or one per row), from the
+  // forward's lse; into a new tensor, or over the logits.
   m.def(
-      "cross_entropy_fwd_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, "
-      "Tensor? grad_scale, int ignore_index, float label_smoothing, float z_loss) "
-      "-> (Tensor loss, Tensor lse)");
+      "cross_entropy_bwd(Tensor grad_scale, Tensor logits, Tensor target, Tensor lse, "
+      "Tensor? weight, int ignore_index, float label_smoothing, float z_loss) -> Tensor");
+  m.def(
+      "cross_entropy_bwd_inplace(Tensor grad_scale, Tensor(a!) logits, Tensor target, Tensor lse, "
+      "Tensor? weight, int ignore_index, float label_smoothing, float z_loss) -> ()");
   // Sigmoid focal loss, element-wise; input and target contiguous, one shape and dtype.
   // loss (acc dtype): per element, or if reduce per-chunk partial sums [ceil(numel / 4096)];
   // grad (if compute_grad): d(loss_elem)/d(input) * grad_scale. alpha < 0 disables alpha.
@@ -32,4 +35,17 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "softmax_focal_fwd(Tensor logits, Tensor target, Tensor? alpha, Tensor? grad_scale, "
       "int ignore_index, float gamma, bool compute_grad) -> (Tensor loss, Tensor grad)");
+  // Element-wise losses over broadcast operands (csrc/elementwise.h): input and target are 4-d
+  // views of one shape and dtype, any strides (0 along broadcast dims); weight / pos_weight the
+  // same in the accumulation dtype. reduction 0/1/2 = none/mean/sum. loss: per element in the
+  // input dtype (contiguous), or the reduced 0-dim value in the acc dtype; grad_input /
+  // grad_target (contiguous, if asked for; else empty): d(loss_elem)/d(.) times 1/numel for mean.
+  m.def(
+      "bce_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, int reduction, "
+      "bool grad_input, bool grad_target) -> (Tensor loss, Tensor grad_input, Tensor grad_target)");
+  // Huber (delta > 0) or, if smooth_l1, SmoothL1 with beta = delta >= 0 (0: L1).
+  m.def(
+      "huber_fwd(Tensor input, Tensor target, Tensor? weight, float delta, bool smooth_l1, "
+      "int reduction, bool grad_input, bool grad_target) "
+      "-> (Tensor loss, Tensor grad_input, Tensor grad_target)");
 }

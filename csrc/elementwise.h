@@ -1,0 +1,143 @@
+// The driver shared by the element-wise losses (BCE-with-logits, Huber / SmoothL1).
+//
+// Every operand is a strided view of one [D0, D1, D2, D3] index space: the Python layer
+// broadcasts with expand (stride 0, no copy) and merges dims that every operand can merge
+// (fusedloss/_elementwise.py), so broadcast weights and non-contiguous inputs are read in place.
+// Outputs (per-element loss, gradients) are contiguous over that space.
+//
+// The index space is cut into fixed chunks of kElemChunk elements, one fp32 partial sum each,
+// added pairwise in chunk order: the reduced loss does not depend on the thread count.
+#pragma once
+
+#include <ATen/ops/empty.h>
+
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+
+namespace fusedloss {
+
+constexpr int64_t kElemChunk = 4 * kBlock;
+
+// Reduction codes, as torch's at::Reduction.
+enum ElemReduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
+
+template <typename T>
+struct View4 {
+  const T* data = nullptr;
+  int64_t stride[4] = {0, 0, 0, 0};
+  View4() = default;
+  explicit View4(const c10::optional<at::Tensor>& t) {
+    if (!t.has_value()) return;
+    data = t->const_data_ptr<T>();
+    for (int d = 0; d < 4; ++d) stride[d] = t->stride(d);
+  }
+  const T* at(const int64_t* idx) const {
+    return data + idx[0] * stride[0] + idx[1] * stride[1] + idx[2] * stride[2] + idx[3] * stride[3];
+  }
+};
+
+// fn(flat, n, idx) over [begin, end) in runs of at most kBlock elements along the last dim;
+// idx holds the coordinates of the run's first element.
+template <typename F>
+inline void for_each_run(at::IntArrayRef size, int64_t begin, int64_t end, F&& fn) {
+  int64_t idx[4];
+  int64_t rest = begin;
+  for (int d = 3; d >= 0; --d) {
+    idx[d] = rest % size[d];
+    rest /= size[d];
+  }
+  for (int64_t flat = begin; flat < end;) {
+    const int64_t n = std::min({kBlock, size[3] - idx[3], end - flat});
+    fn(flat, n, idx);
+    flat += n;
+    idx[3] += n;
+    for (int d = 3; d > 0 && idx[d] == size[d]; --d) {
+      idx[d] = 0;
+      ++idx[d - 1];
+    }
+  }
+}
+
+template <typename T>
+inline T pairwise_sum(const T* p, int64_t n) {
+  if (n <= 8) {
+    T s = 0;
+    for (int64_t i = 0; i < n; ++i) s += p[i];
+    return s;
+  }
+  const int64_t h = n / 2;
+  return pairwise_sum(p, h) + pairwise_sum(p + h, n - h);
+}
+
+// Runs an element-wise loss. `block(n, x, y, w, pw, scale, loss, gx, gy)` computes on
+// accumulation-type buffers (w, pw are ones where the operand is absent): the per-element loss
+// and the gradients w.r.t. input and target, times `scale` (1/numel for mean, else 1, in fp32).
+// Returns (loss: per element in the input dtype, or the reduced 0-dim value in the acc dtype;
+// grad_input; grad_target), the gradients empty unless requested.
+template <typename Block>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_fwd(
+    const char* name, const at::Tensor& x, const at::Tensor& y,
+    const c10::optional<at::Tensor>& w, const c10::optional<at::Tensor>& pw, int64_t reduction,
+    bool want_gx, bool want_gy, const Block& block) {
+  TORCH_CHECK(x.dim() == 4 && y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type(),
+              name, ": input and target must be 4-d views of one shape and dtype");
+  for (const auto* t : {&w, &pw}) {
+    TORCH_CHECK(!t->has_value() || ((*t)->sizes() == x.sizes() &&
+                                    (*t)->scalar_type() == acc_dtype(x)),
+                name, ": weights must be 4-d views of the input's shape in the accumulation dtype");
+  }
+  TORCH_CHECK(reduction >= kReduceNone && reduction <= kReduceSum, name,
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum)");
+  const int64_t numel = x.numel();
+  const bool reduce = reduction != kReduceNone;
+  at::Tensor loss = reduce ? at::empty({}, x.options().dtype(acc_dtype(x)))
+                           : at::empty(x.sizes(), x.options());
+  at::Tensor gx = at::empty(want_gx ? x.sizes() : at::IntArrayRef{0}, x.options());
+  at::Tensor gy = at::empty(want_gy ? x.sizes() : at::IntArrayRef{0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fusedloss_elementwise", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const acc_t scale = reduction == kReduceMean ? acc_t(1) / static_cast<acc_t>(numel) : acc_t(1);
+    const View4<scalar_t> xv(x), yv(y);
+    const View4<acc_t> wv(w), pwv(pw);
+    scalar_t* lp = reduce ? nullptr : loss.data_ptr<scalar_t>();
+    scalar_t* gxp = want_gx ? gx.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gyp = want_gy ? gy.data_ptr<scalar_t>() : nullptr;
+    const at::IntArrayRef size = x.sizes();
+    const int64_t chunks = (numel + kElemChunk - 1) / kElemChunk;
+    std::vector<acc_t> partial(reduce ? chunks : 0);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      acc_t xb[kBlock], yb[kBlock], wb[kBlock], pb[kBlock], lb[kBlock], gxb[kBlock], gyb[kBlock];
+      if (!wv.data) std::fill_n(wb, kBlock, acc_t(1));
+      if (!pwv.data) std::fill_n(pb, kBlock, acc_t(1));
+      for (int64_t c = c0; c < c1; ++c) {
+        acc_t part = 0;
+        for_each_run(size, c * kElemChunk, std::min(numel, (c + 1) * kElemChunk),
+                     [&](int64_t flat, int64_t n, const int64_t* idx) {
+          load_block(xv.at(idx), xv.stride[3], n, xb);
+          load_block(yv.at(idx), yv.stride[3], n, yb);
+          if (wv.data) load_block(wv.at(idx), wv.stride[3], n, wb);
+          if (pwv.data) load_block(pwv.at(idx), pwv.stride[3], n, pb);
+          block(n, xb, yb, wb, pb, scale, lb, gxb, gyb);
+          if (reduce) {
+            part += block_dot<acc_t>(lb, nullptr, n);
+          } else {
+            store_block(lb, n, lp + flat, 1);
+          }
+          if (gxp) store_block(gxb, n, gxp + flat, 1);
+          if (gyp) store_block(gyb, n, gyp + flat, 1);
+        });
+        if (reduce) partial[c] = part;
+      }
+    });
+    if (reduce) {
+      const acc_t total = pairwise_sum(partial.data(), chunks);
+      // mean of nothing is NaN, as torch's
+      *loss.data_ptr<acc_t>() = reduction == kReduceMean ? total / static_cast<acc_t>(numel) : total;
+    }
+  });
+  return {loss, gx, gy};
+}
+
+}  // namespace fusedloss
