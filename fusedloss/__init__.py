@@ -6,9 +6,10 @@ drop-in functions (fusedloss.functional) and nn.Modules.
 from . import _backend, functional, reference
 from .modules import CrossEntropyLoss
 from .modules import SigmoidFocalLoss, SoftmaxFocalLoss
+from .distributed import VocabParallelCrossEntropyLoss
 from . import training
 from .training import TrainStep
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "reference", "CrossEntropyLoss", "SigmoidFocalLoss", "SoftmaxFocalLoss", "training", "TrainStep"]
+__all__ = ["functional", "reference", "CrossEntropyLoss", "SigmoidFocalLoss", "SoftmaxFocalLoss", "VocabParallelCrossEntropyLoss", "training", "TrainStep"]
