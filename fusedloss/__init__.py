@@ -7,9 +7,11 @@ from . import _backend, functional, reference
 from .modules import CrossEntropyLoss
 from .modules import SigmoidFocalLoss, SoftmaxFocalLoss
 from .distributed import VocabParallelCrossEntropyLoss
+from .modules import BCEWithLogitsLoss, HuberLoss, SmoothL1Loss
 from . import training
 from .training import TrainStep
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "reference", "CrossEntropyLoss", "SigmoidFocalLoss", "SoftmaxFocalLoss", "VocabParallelCrossEntropyLoss", "training", "TrainStep"]
+__all__ = ["functional", "reference", "CrossEntropyLoss", "SigmoidFocalLoss", "SoftmaxFocalLoss", "VocabParallelCrossEntropyLoss", "training", "TrainStep",
+           "BCEWithLogitsLoss", "HuberLoss", "SmoothL1Loss"]

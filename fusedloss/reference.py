@@ -114,3 +114,47 @@ def softmax_focal_fwd(logits, target, alpha, grad_scale, ignore_index, gamma, co
     g.scatter_(1, t[:, None], (-a * q)[:, None])
     g = g.reshape(N, D, C).permute(0, 2, 1)
     return loss, g.to(logits.dtype).contiguous()
+
+
+def _elementwise_result(input, loss, gx, gy, reduction, grad_input, grad_target):
+    """The element-wise ops' outputs (csrc/elementwise.h) from acc-dtype loss and gradients."""
+    n = input.numel()
+    if reduction == 1:
+        gx, gy = gx * (1.0 / n), gy * (1.0 / n)
+    if reduction == 0:
+        out = loss.to(input.dtype).contiguous()
+    else:
+        out = loss.sum() / n if reduction == 1 else loss.sum()
+    empty = input.new_empty(0)
+    return (out, gx.to(input.dtype).contiguous() if grad_input else empty,
+            gy.to(input.dtype).contiguous() if grad_target else empty)
+
+
+def bce_fwd(input, target, weight, pos_weight, reduction, grad_input, grad_target):
+    """Reference for fusedloss::bce_fwd (operands of one shape, weights broadcast views)."""
+    acc = acc_dtype(input.dtype)
+    x, y = input.to(acc), target.to(acc)
+    w = 1.0 if weight is None else weight.to(acc)
+    pw = 1.0 if pos_weight is None else pos_weight.to(acc)
+    e = torch.exp(-x.abs())
+    sp_pos = x.clamp(min=0) + torch.log1p(e)  # softplus(x)
+    sp_neg = (-x).clamp(min=0) + torch.log1p(e)  # softplus(-x)
+    sig_pos = torch.where(x >= 0, 1 / (1 + e), e / (1 + e))  # sigmoid(x)
+    sig_neg = torch.where(x >= 0, e / (1 + e), 1 / (1 + e))  # sigmoid(-x)
+    loss = w * (pw * y * sp_neg + (1 - y) * sp_pos)
+    gx = w * ((1 - y) * sig_pos - pw * y * sig_neg)
+    gy = w * (pw * sp_neg - sp_pos)
+    return _elementwise_result(input, loss, gx, gy, reduction, grad_input, grad_target)
+
+
+def huber_fwd(input, target, weight, delta, smooth_l1, reduction, grad_input, grad_target):
+    """Reference for fusedloss::huber_fwd: Huber(delta), or SmoothL1(beta=delta) (0: L1)."""
+    acc = acc_dtype(input.dtype)
+    w = 1.0 if weight is None else weight.to(acc)
+    d = input.to(acc) - target.to(acc)
+    k = (1.0 / delta if delta > 0 else 0.0) if smooth_l1 else 1.0
+    m = 1.0 if smooth_l1 else delta
+    quad = d.abs() < delta
+    loss = w * torch.where(quad, 0.5 * k * d * d, m * (d.abs() - 0.5 * delta))
+    gx = w * torch.where(quad, k * d, m * torch.sign(d))
+    return _elementwise_result(input, loss, gx, -gx, reduction, grad_input, grad_target)

@@ -1,0 +1,67 @@
+"""Weighted BCE-with-logits: a drop-in for torch.nn.functional.binary_cross_entropy_with_logits.
+
+One fused element-wise pass (csrc/bce.cpp on the CPU, kernels/bce.py on CUDA) yields the loss and
+the gradients for input (and target, when it requires grad) from e = exp(-|x|), so the tiny terms
+at |x| ~ 40 survive on both branches. weight and pos_weight are broadcast views (stride 0, never
+copied to the input's size); they get no gradient, as in torch.
+"""
+import torch
+
+from . import _backend, reference
+from ._common import check_same_device, check_tensor, resolve_reduction
+from ._elementwise import IMPLS, ElementwiseLoss, fake_outputs
+
+if _backend.HAS_TRITON:
+    from fusedloss.kernels import bce as _tk
+else:
+    _tk = None
+
+if _backend.HAS_CPP:
+
+    @torch.library.register_fake("fusedloss::bce_fwd")
+    def _bce_fwd_fake(input, target, weight, pos_weight, reduction, grad_input, grad_target):
+        return fake_outputs(input, reduction, grad_input, grad_target)
+
+    if _tk is not None:
+        _backend.register_triton("bce_fwd", _tk.bce_fwd)
+
+IMPLS["bce"] = {
+    "op": lambda x, y, w, pw, params, r, gx, gy: torch.ops.fusedloss.bce_fwd(x, y, w, pw, r, gx, gy),
+    "triton": None if _tk is None else (
+        lambda x, y, w, pw, params, r, gx, gy: _tk.bce_fwd(x, y, w, pw, r, gx, gy)),
+    "reference": lambda x, y, w, pw, params, r, gx, gy: reference.bce_fwd(x, y, w, pw, r, gx, gy),
+}
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,
+                                     reduction="mean", pos_weight=None):
+    """torch.nn.functional.binary_cross_entropy_with_logits, fused. Same arguments, shapes, output
+    dtype (the target's) and errors (as ValueError / TypeError naming the argument).
+
+    target: same shape as input, soft targets allowed. weight, pos_weight: broadcast to the input
+    (aligned from the last dimension: for (N, C, H, W) a per-class pos_weight is (C, 1, 1)), never
+    enlarging it. mean = sum / numel (weights are not normalised).
+    """
+    reduction = resolve_reduction(reduction, size_average, reduce)
+    check_tensor("input", input)
+    check_tensor("target", target)
+    if target.shape != input.shape:
+        raise ValueError(f"Target size ({target.size()}) must be the same as input size "
+                         f"({input.size()})")
+    for name, t in (("weight", weight), ("pos_weight", pos_weight)):
+        if t is None:
+            continue
+        check_tensor(name, t)
+        try:
+            fits = torch.broadcast_shapes(t.shape, input.shape) == input.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to the input's "
+                             f"shape {tuple(input.shape)}")
+        if t.requires_grad:
+            raise ValueError(f"{name} requires grad, but binary_cross_entropy_with_logits is not "
+                             f"differentiable with respect to {name} (as in torch)")
+    check_same_device("input", input, target=target, weight=weight, pos_weight=pos_weight)
+    return ElementwiseLoss.apply("bce", (), reduction, target.dtype, input, target, weight,
+                                 pos_weight)

@@ -1,0 +1,90 @@
+"""Huber and SmoothL1: drop-ins for torch.nn.functional.huber_loss / smooth_l1_loss.
+
+One fused element-wise pass (csrc/huber.cpp on the CPU, kernels/huber.py on CUDA) over input and
+target broadcast as torch does, writing the loss and the gradients; delta, beta and 1/numel are
+applied in fp32. SmoothL1 with beta = 0 is exact L1 (sign(0) = 0, no NaN).
+"""
+import warnings
+
+import torch
+
+from . import _backend, reference
+from ._common import check_same_device, check_tensor, reduce_loss, resolve_reduction
+from ._elementwise import IMPLS, ElementwiseLoss, broadcast_shape, fake_outputs
+
+if _backend.HAS_TRITON:
+    from fusedloss.kernels import huber as _tk
+else:
+    _tk = None
+
+if _backend.HAS_CPP:
+
+    @torch.library.register_fake("fusedloss::huber_fwd")
+    def _huber_fwd_fake(input, target, weight, delta, smooth_l1, reduction, grad_input,
+                        grad_target):
+        return fake_outputs(input, reduction, grad_input, grad_target)
+
+    if _tk is not None:
+        _backend.register_triton("huber_fwd", _tk.huber_fwd)
+
+IMPLS["huber"] = {
+    "op": lambda x, y, w, pw, p, r, gx, gy: torch.ops.fusedloss.huber_fwd(x, y, w, *p, r, gx, gy),
+    "triton": None if _tk is None else (
+        lambda x, y, w, pw, p, r, gx, gy: _tk.huber_fwd(x, y, w, *p, r, gx, gy)),
+    "reference": lambda x, y, w, pw, p, r, gx, gy: reference.huber_fwd(x, y, w, *p, r, gx, gy),
+}
+
+
+def _check(fn, input, target):
+    check_tensor("input", input)
+    check_tensor("target", target)
+    broadcast_shape("input", input, "target", target)
+    check_same_device("input", input, target=target)
+    if target.shape != input.shape:
+        warnings.warn(f"{fn}: Using a target size ({target.size()}) that is different to the "
+                      f"input size ({input.size()}). This will likely lead to incorrect results "
+                      "due to broadcasting. Please ensure they have the same size.", stacklevel=3)
+
+
+def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
+    """torch.nn.functional.huber_loss, fused: 0.5 d^2 for |d| < delta, else delta (|d| - delta/2).
+
+    Same arguments, broadcasting (with torch's warning), output dtype and errors (a non-positive
+    delta raises ValueError). weight must have the input's shape (as torch); a weight that requires
+    grad takes the unfused path weight * loss so that it gets its gradient.
+    """
+    reduction = resolve_reduction(reduction)
+    _check("huber_loss", input, target)
+    delta = float(delta)
+    if not delta > 0:
+        raise ValueError(f"delta must be > 0 (huber_loss does not support non-positive values for "
+                         f"delta), got {delta}")
+    out_dtype = input.dtype
+    if weight is not None:
+        check_tensor("weight", weight)
+        if weight.shape != input.shape:
+            raise ValueError(f"weight must have the input's shape {tuple(input.shape)}, got "
+                             f"{tuple(weight.shape)}")
+        check_same_device("input", input, weight=weight)
+        out_dtype = torch.promote_types(input.dtype, weight.dtype)
+        if weight.requires_grad:
+            loss = ElementwiseLoss.apply("huber", (delta, False), "none", input.dtype, input,
+                                         target, None, None) * weight
+            return reduce_loss(loss, reduction)
+    return ElementwiseLoss.apply("huber", (delta, False), reduction, out_dtype, input, target,
+                                 weight, None)
+
+
+def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mean", beta=1.0):
+    """torch.nn.functional.smooth_l1_loss, fused: 0.5 d^2 / beta for |d| < beta, else
+    |d| - beta/2; beta = 0 is L1. Same arguments, broadcasting, output dtype and errors (a negative
+    beta raises ValueError)."""
+    reduction = resolve_reduction(reduction, size_average, reduce)
+    _check("smooth_l1_loss", input, target)
+    beta = float(beta)
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0 (smooth_l1_loss does not support negative values for "
+                         f"beta), got {beta}")
+    return ElementwiseLoss.apply("huber", (beta, True), reduction,
+                                 torch.promote_types(input.dtype, target.dtype), input, target,
+                                 None, None)

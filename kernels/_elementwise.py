@@ -1,0 +1,95 @@
+"""Shared by the element-wise loss kernels (bce, huber): 4-d strided addressing and the launcher.
+
+Same contract as csrc/elementwise.h: input and target are strided views of one [D0, D1, D2, D3]
+index space (stride 0 along broadcast dims), weights likewise in the accumulation dtype; each
+program handles BLOCK consecutive flat indices and writes the per-element loss or one fp32 partial
+sum, and the gradients (contiguous). Partials are summed by torch.sum: a fixed grid and a fixed
+reduction order, so the result is deterministic.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, acc_dtype, tl_acc
+
+
+def elem_block(numel: int):
+    """BLOCK and num_warps: 1024 per program on a GPU; the interpreter runs one numpy op per
+    block, so there a wide block is simply faster."""
+    cap = 1 << 16 if INTERPRET else 1024
+    block = min(triton.next_power_of_2(max(numel, 1)), cap)
+    return block, 4
+
+
+def split_float(v: float):
+    """v as fp32 hi + lo: Triton passes Python floats as fp32, and hi + lo recovers v to about
+    2^-48 in an fp64 kernel (an fp32 kernel just gets fp32(v))."""
+    hi = float(torch.tensor(v, dtype=torch.float32))
+    return hi, float(torch.tensor(v - hi, dtype=torch.float32))
+
+
+@triton.jit
+def coords4(idx, D1, D2, D3):
+    """Coordinates of flat indices in [D0, D1, D2, D3] (row-major)."""
+    i3 = idx % D3
+    r = idx // D3
+    i2 = r % D2
+    r = r // D2
+    return r // D1, r % D1, i2, i3
+
+
+@triton.jit
+def load4(P, i0, i1, i2, i3, s0, s1, s2, s3, mask, ACC: tl.constexpr):
+    return tl.load(P + i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3, mask=mask, other=0.0).to(ACC)
+
+
+def launch(kernel, x, y, w, pw, reduction, grad_input, grad_target, *params, **consts):
+    """Run `kernel` over 4-d x, y (w, pw: None or the same shape in the acc dtype).
+
+    Returns (loss, grad_input, grad_target) as the C++ op does: loss per element in x's dtype
+    (contiguous) or the reduced 0-dim value in the acc dtype; gradients contiguous or empty.
+    """
+    numel = x.numel()
+    acc = acc_dtype(x.dtype)
+    block, num_warps = elem_block(numel)
+    grid = triton.cdiv(numel, block)
+    reduce = reduction != 0
+    loss = (torch.empty(grid, dtype=acc, device=x.device) if reduce
+            else torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    gx = torch.empty(x.shape if grad_input else (0,), dtype=x.dtype, device=x.device)
+    gy = torch.empty(x.shape if grad_target else (0,), dtype=x.dtype, device=x.device)
+    if numel > 0:
+        zeros = (0, 0, 0, 0)
+        kernel[(grid,)](
+            x, y, x if w is None else w, x if pw is None else pw, loss, gx, gy,
+            numel, x.shape[1], x.shape[2], x.shape[3],
+            *x.stride(), *y.stride(), *(zeros if w is None else w.stride()),
+            *(zeros if pw is None else pw.stride()), *params,
+            HAS_W=w is not None, HAS_PW=pw is not None, REDUCTION=reduction,
+            GRAD_X=grad_input, GRAD_Y=grad_target, ACC=tl_acc(x.dtype), BLOCK=block,
+            num_warps=num_warps, **consts,
+        )
+    if reduce:
+        loss = loss.sum()  # 0 partials: 0, and mean of nothing is NaN below, as torch's
+        if reduction == 1:
+            loss = loss / numel
+    return loss, gx, gy
+
+
+@triton.jit
+def finish(LOSS, GX, GY, pid, idx, mask, loss, gx, gy, numel, REDUCTION: tl.constexpr,
+           GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr, ACC: tl.constexpr):
+    """Store the loss (or this block's partial sum) and the gradients, times 1/numel (in the acc
+    dtype) for mean."""
+    if REDUCTION == 0:
+        tl.store(LOSS + idx, loss.to(LOSS.dtype.element_ty), mask=mask)
+    else:
+        tl.store(LOSS + pid, tl.sum(tl.where(mask, loss, 0.0), 0))
+    if REDUCTION == 1:
+        scale = tl.full((), 1.0, ACC) / numel
+        gx = gx * scale
+        gy = gy * scale
+    if GRAD_X:
+        tl.store(GX + idx, gx.to(GX.dtype.element_ty), mask=mask)
+    if GRAD_Y:
+        tl.store(GY + idx, gy.to(GY.dtype.element_ty), mask=mask)

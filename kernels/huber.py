@@ -1,0 +1,52 @@
+"""Huber / SmoothL1, element-wise over broadcast operands (kernels/_elementwise.py).
+
+Same contract and formula as csrc/huber.cpp, in d = x - y with threshold t = delta:
+  L     = w (|d| < t ? k d^2 / 2 : m (|d| - t/2))
+  dL/dx = w (|d| < t ? k d : m sign(d)),  dL/dy = -dL/dx,  sign(0) = 0
+Huber: k = 1, m = delta. SmoothL1 (beta = delta): k = 1/beta (0 at beta = 0, whose quadratic
+branch is never taken: exact L1), m = 1. delta arrives as fp32 hi + lo (exact in an fp64 kernel).
+"""
+import triton
+import triton.language as tl
+
+from ._elementwise import coords4, finish, launch, load4, split_float
+
+
+@triton.jit
+def _huber_fwd_kernel(
+    X, Y, W, PW, LOSS, GX, GY, numel, D1, D2, D3,
+    sx0, sx1, sx2, sx3, sy0, sy1, sy2, sy3, sw0, sw1, sw2, sw3, sp0, sp1, sp2, sp3,
+    delta_hi, delta_lo,
+    SMOOTH_L1: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_PW: tl.constexpr, REDUCTION: tl.constexpr, GRAD_X: tl.constexpr,
+    GRAD_Y: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < numel
+    i0, i1, i2, i3 = coords4(idx, D1, D2, D3)
+    x = load4(X, i0, i1, i2, i3, sx0, sx1, sx2, sx3, mask, ACC)
+    y = load4(Y, i0, i1, i2, i3, sy0, sy1, sy2, sy3, mask, ACC)
+    w = load4(W, i0, i1, i2, i3, sw0, sw1, sw2, sw3, mask, ACC) if HAS_W else 1.0
+    t = (tl.zeros((), ACC) + delta_hi) + delta_lo
+    if SMOOTH_L1:
+        k = tl.where(t > 0, 1.0 / tl.where(t > 0, t, 1.0), 0.0)
+        m = tl.full((), 1.0, ACC)
+    else:
+        k = tl.full((), 1.0, ACC)
+        m = t
+    d = x - y
+    ad = tl.abs(d)
+    quad = ad < t
+    sgn = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d))  # 0 -> 0, NaN -> NaN
+    loss = w * tl.where(quad, 0.5 * k * d * d, m * (ad - 0.5 * t))
+    gx = w * tl.where(quad, k * d, m * sgn)
+    finish(LOSS, GX, GY, pid, idx, mask, loss, gx, -gx, numel, REDUCTION, GRAD_X, GRAD_Y, ACC)
+
+
+def huber_fwd(input, target, weight, delta, smooth_l1, reduction, grad_input, grad_target):
+    """Launch on 4-d views; same contract as torch.ops.fusedloss.huber_fwd."""
+    if not (delta >= 0 if smooth_l1 else delta > 0):
+        raise ValueError(f"delta must be > 0 (beta >= 0 for smooth_l1), got {delta}")
+    return launch(_huber_fwd_kernel, input, target, weight, None, reduction, grad_input,
+                  grad_target, *split_float(delta), SMOOTH_L1=smooth_l1)
