@@ -266,6 +266,8 @@ def test_matches_hand_loop(amp_dtype):
     step = fusedloss.TrainStep(ours, torch.optim.Adam(ours.parameters(), lr=1e-2), ce, clip="norm",
                                max_norm=0.5, amp_dtype=amp_dtype)
     opt_h = torch.optim.Adam(hand.parameters(), lr=1e-2)
+    for p in ours.parameters():
+        p.grad = torch.full_like(p, 100.0)  # stale gradients must not leak into the first step
     for x, y in batches(4, 16):
         r = step(x, y)
         with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
