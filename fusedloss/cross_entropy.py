@@ -1,8 +1,8 @@
 """Softmax cross-entropy: a drop-in for torch.nn.functional.cross_entropy.
 
-Class-index targets run one fused kernel pass per row (csrc/cross_entropy.cpp on the CPU,
-kernels/cross_entropy.py on CUDA) that yields the row loss and, when a gradient is needed, the
-gradient already scaled for the reduction; backward only multiplies by grad_output.
+Class-index targets run fused kernels (csrc/cross_entropy.cpp on the CPU, kernels/cross_entropy.py
+on CUDA): forward reads each row once and keeps only the per-row lse; backward reads it once more and
+writes the gradient with grad_output and the mean's 1/sum of weights folded in.
 Probability targets take a plain-PyTorch path (fp32 math).
 """
 import torch
@@ -22,29 +22,30 @@ else:
 if _backend.HAS_CPP:
 
     @torch.library.register_fake("fusedloss::cross_entropy_fwd")
-    def _fwd_fake(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
-                  compute_grad):
-        rows = logits.shape[0] * logits.shape[2]
-        acc = acc_dtype(logits.dtype)
-        grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
-        return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc), grad
-
-    @torch.library.register_fake("fusedloss::cross_entropy_fwd_inplace")
-    def _fwd_inplace_fake(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss):
+    def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, z_loss):
         rows = logits.shape[0] * logits.shape[2]
         acc = acc_dtype(logits.dtype)
         return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
 
+    @torch.library.register_fake("fusedloss::cross_entropy_bwd")
+    def _bwd_fake(grad_scale, logits, target, lse, weight, ignore_index, label_smoothing, z_loss):
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake("fusedloss::cross_entropy_bwd_inplace")
+    def _bwd_inplace_fake(grad_scale, logits, target, lse, weight, ignore_index, label_smoothing,
+                          z_loss):
+        return None
+
     if _tk is not None:
+        for _name in ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace"):
+            _backend.register_triton(_name, getattr(_tk, _name))
 
-        def _fwd_inplace_triton(logits, target, weight, grad_scale, ignore_index,
-                                label_smoothing, z_loss):
-            loss, lse, _ = _tk.cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index,
-                                                 label_smoothing, z_loss, True, grad=logits)
-            return loss, lse
 
-        _backend.register_triton("cross_entropy_fwd", _tk.cross_entropy_fwd)
-        _backend.register_triton("cross_entropy_fwd_inplace", _fwd_inplace_triton)
+def _impl(backend: str, name: str):
+    """The callable for an op on a backend; the three share names and signatures."""
+    if backend == "op":
+        return getattr(torch.ops.fusedloss, name)
+    return getattr(_tk if backend == "triton" else reference, name)
 
 
 def _rows3d(input: torch.Tensor) -> torch.Tensor:
@@ -59,21 +60,17 @@ def _rows3d(input: torch.Tensor) -> torch.Tensor:
     return input.flatten(2)
 
 
-def _ce_rows(x3, t, w, scale, ignore_index, eps, z, compute_grad, inplace):
-    """Per-row loss and lse (acc dtype) and the gradient, from the backend for x3's device."""
+def _ce_forward(x3, t, w, ignore_index, label_smoothing, z_loss):
+    """Per-row (loss, lse) in the acc dtype from the backend for x3's device.
+
+    x3: logits [N, C, D] (see _rows3d); t: contiguous int64 targets [N*D]; w: None or [C] weights
+    in the acc dtype. Raises IndexError for a target outside [0, C) that is not ignore_index.
+    """
     be = _backend.backend_for(x3)
     if (be != "op" or x3.device.type != "cpu") and _backend.eager_checks_enabled(t):
         # The C++ kernel checks while it reads; elsewhere check here, in eager mode only.
         check_class_targets(_FN, t, x3.shape[1], ignore_index)
-    if be == "op":
-        if inplace:
-            loss, lse = torch.ops.fusedloss.cross_entropy_fwd_inplace(x3, t, w, scale, ignore_index,
-                                                                      eps, z)
-            return loss, lse, x3
-        return torch.ops.fusedloss.cross_entropy_fwd(x3, t, w, scale, ignore_index, eps, z,
-                                                     compute_grad)
-    impl = _tk.cross_entropy_fwd if be == "triton" else reference.cross_entropy_fwd
-    return impl(x3, t, w, scale, ignore_index, eps, z, compute_grad, grad=x3 if inplace else None)
+    return _impl(be, "cross_entropy_fwd")(x3, t, w, ignore_index, label_smoothing, z_loss)
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -81,59 +78,48 @@ class _CrossEntropy(torch.autograd.Function):
     def forward(ctx, input, target, weight, ignore_index, label_smoothing, z_loss, reduction,
                 inplace):
         x3 = _rows3d(input)
-        n_classes = x3.shape[1]
         t = target.reshape(-1).long().contiguous()
         acc = acc_dtype(input.dtype)
         w = None if weight is None else weight.to(acc).contiguous()
-        compute_grad = ctx.needs_input_grad[0]
-        # Written in place only where x3 really is the input's memory, and not under
-        # torch.compile (which plans its own buffers).
-        inplace = (inplace and compute_grad and not torch.compiler.is_compiling()
-                   and x3.data_ptr() == input.data_ptr())
-        denom = scale = None
+        loss, lse = _ce_forward(x3, t, w, ignore_index, label_smoothing, z_loss)
+        denom = None
         if reduction == "mean":
             # sum of w[y] (or the count) over non-ignored rows, kept on the device: no host sync.
             valid = t != ignore_index
             if w is None:
                 denom = valid.sum(dtype=acc)
             else:
-                denom = torch.where(valid, w[t.clamp(0, n_classes - 1)], 0.0).sum()
-            scale = denom.reciprocal()
-        loss, _, grad = _ce_rows(x3, t, w, scale, ignore_index, label_smoothing, z_loss,
-                                 compute_grad, inplace)
+                denom = torch.where(valid, w[t.clamp(0, x3.shape[1] - 1)], 0.0).sum()
         out = reduce_loss(loss, reduction, denom)
         out = out.view(target.shape) if reduction == "none" else out
-        out = out.to(input.dtype)
-        ctx.reduction, ctx.inplace = reduction, inplace
-        ctx.set_materialize_grads(False)
-        if compute_grad:
-            # The gradient with the input's shape (the input itself when written in place).
-            ctx.save_for_backward(input if inplace else grad.view(input.shape))
-        if inplace:
-            # The logits now hold the gradient: mark them so that autograd raises, rather than
-            # silently computing garbage, if anything else saved them for its backward.
-            ctx.mark_dirty(input)
-            return out, input
-        return out
+        # The gradient goes over the logits only where x3 really is the input's memory, and not
+        # under torch.compile (which plans its own buffers).
+        ctx.inplace = (inplace and ctx.needs_input_grad[0] and not torch.compiler.is_compiling()
+                       and x3.data_ptr() == input.data_ptr())
+        ctx.reduction, ctx.options = reduction, (ignore_index, label_smoothing, z_loss)
+        ctx.save_for_backward(input, t, w, lse, denom)
+        return out.to(input.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, *_):
-        (grad,) = ctx.saved_tensors
-        if grad_out is None:
-            return (None,) * 8
-        if ctx.reduction == "none":  # one factor per row: broadcast over the class dim
-            g3 = _rows3d(grad)
-            grad_out = grad_out.reshape(g3.shape[0], 1, g3.shape[2])
-        else:
-            g3 = grad
+    def backward(ctx, grad_out):
+        input, t, w, lse, denom = ctx.saved_tensors
+        x3 = _rows3d(input)
+        # grad_output (one per row for 'none'), times 1/sum of weights for mean, in the acc dtype.
+        scale = grad_out.reshape(-1).to(lse.dtype)
+        if denom is not None:
+            scale = scale / denom
+        scale = scale.contiguous()
+        be = _backend.backend_for(x3)
         if ctx.inplace:
-            # The lean path: scale the buffer that already holds the logits' memory. The graph
-            # through this loss can then be backpropagated once (a second time raises).
-            g3.mul_(grad_out)
-            return grad, None, None, None, None, None, None, None
-        # Out of place, so that retain_graph / gradcheck can backpropagate again.
-        return (g3 * grad_out).view(grad.shape), None, None, None, None, None, None, None
+            # The lean path: the logits' memory receives their gradient. The saved input's
+            # version changes, so a second backward, or any other backward that saved the
+            # logits and runs later, raises instead of reading a gradient as logits.
+            _impl(be, "cross_entropy_bwd_inplace")(scale, x3, t, lse, w, *ctx.options)
+            torch.autograd.graph.increment_version(input)  # custom ops do not bump it themselves
+            return input, None, None, None, None, None, None, None
+        grad = _impl(be, "cross_entropy_bwd")(scale, x3, t, lse, w, *ctx.options)
+        return grad.view(input.shape), None, None, None, None, None, None, None
 
 
 def _cross_entropy_probs(input, target, weight, reduction, label_smoothing, z_loss):
@@ -162,9 +148,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     Extras (keyword-only, off by default):
       z_loss: coefficient s of an auxiliary s * logsumexp(row)^2 per non-ignored row (PaLM's
         z-loss), reduced like the main term.
-      inplace_backward: write the gradient over `input` to save a logits-sized buffer (class-index
-        targets, when input needs a gradient). `input` is overwritten; autograd raises if anything
-        else saved it for backward. Ignored under torch.compile.
+      inplace_backward: backward writes the gradient over `input` instead of a new logits-sized
+        buffer (class-index targets; input must not be a leaf). After backward `input` holds its
+        gradient; autograd raises if a later backward (another user of the logits, or a second
+        backward through this loss) needs the overwritten values. Ignored under torch.compile.
     Target range: checked on every backend; on CUDA the check reads the target on the host in
     eager mode and is skipped under torch.compile / CUDA-graph capture (out-of-range rows then
     contribute 0 instead of raising).
@@ -201,8 +188,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         raise ValueError(f"target must have shape {tuple(expected)} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
     if inplace_backward and input.requires_grad and input.is_leaf:
-        raise ValueError("inplace_backward=True overwrites input with its gradient, which autograd "
-                         "forbids for a leaf tensor that requires grad")
-    out = _CrossEntropy.apply(input, target, weight, int(ignore_index), float(label_smoothing),
-                              float(z_loss), reduction, bool(inplace_backward))
-    return out[0] if isinstance(out, tuple) else out
+        raise ValueError("inplace_backward=True overwrites input with its gradient, which cannot "
+                         "be done to a leaf tensor that requires grad")
+    return _CrossEntropy.apply(input, target, weight, int(ignore_index), float(label_smoothing),
+                               float(z_loss), reduction, bool(inplace_backward))

@@ -12,43 +12,56 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
-                      compute_grad, grad=None):
-    """Reference for fusedloss::cross_entropy_fwd: logits [N, C, D], target [N*D] int64.
-
-    Returns per-row (loss, lse) in the acc dtype and, if compute_grad, the gradient of the per-row
-    loss times grad_scale (written into `grad` when given).
-    """
+def _ce_setup(logits, target, weight, ignore_index):
+    """Rows [N*D, C] in the acc dtype, validity, safe targets and weights (ones without weight)."""
     N, C, D = logits.shape
     acc = acc_dtype(logits.dtype)
-    x = logits.to(acc).permute(0, 2, 1).reshape(N * D, C)  # rows
-    valid = target != ignore_index
-    y = torch.where(valid, target, 0).clamp(0, max(C - 1, 0))
+    x = logits.to(acc).permute(0, 2, 1).reshape(N * D, C)
+    valid = (target != ignore_index) & (target >= 0) & (target < C)
+    y = torch.where(valid, target, 0)
     w = torch.ones(C, dtype=acc, device=x.device) if weight is None else weight.to(acc)
-    eps = float(label_smoothing)
+    return x, valid, y, w
+
+
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss):
+    """Reference for fusedloss::cross_entropy_fwd: logits [N, C, D], target [N*D] int64.
+
+    Returns the per-row (loss, lse) in the acc dtype; ignored rows give 0.
+    """
+    x, valid, y, w = _ce_setup(logits, target, weight, ignore_index)
+    eps, C = float(label_smoothing), x.shape[1]
     lse = torch.logsumexp(x, dim=1)
-    x_y = x.gather(1, y[:, None])[:, 0] if C > 0 else torch.zeros_like(lse)
-    w_y = w[y]
-    loss = (1 - eps) * w_y * (lse - x_y)
+    x_y = x.gather(1, y[:, None])[:, 0]
+    loss = (1 - eps) * w[y] * (lse - x_y)
     if eps:  # zero-coefficient terms dropped, not multiplied by 0 (lse may be huge)
         loss = loss + (eps / C) * (w.sum() * lse - x @ w)
     if z_loss:
         loss = loss + z_loss * lse * lse
-    loss = torch.where(valid, loss, 0.0)
-    lse = torch.where(valid, lse, 0.0)
-    if not compute_grad:
-        return loss, lse, logits.new_empty(0)
+    return torch.where(valid, loss, 0.0), torch.where(valid, lse, 0.0)
+
+
+def cross_entropy_bwd(grad_scale, logits, target, lse, weight, ignore_index, label_smoothing,
+                      z_loss, grad=None):
+    """Reference for fusedloss::cross_entropy_bwd: d(loss_row)/d(logits) * grad_scale (a scalar or
+    one per row), written into `grad` when given."""
+    N, C, D = logits.shape
+    x, valid, y, w = _ce_setup(logits, target, weight, ignore_index)
+    eps = float(label_smoothing)
+    w_y = w[y]
     a = (1 - eps) * w_y + (eps / C) * w.sum() + 2 * z_loss * lse
     g = torch.exp(x - lse[:, None]) * a[:, None] - (eps / C) * w
     g.scatter_add_(1, y[:, None], (-(1 - eps) * w_y)[:, None])
-    if grad_scale is not None:
-        g = g * grad_scale.to(acc)
-    g = torch.where(valid[:, None], g, 0.0)
-    g = g.reshape(N, D, C).permute(0, 2, 1)
+    g = g * grad_scale.reshape(-1, 1).to(g.dtype)
+    g = torch.where(valid[:, None], g, 0.0).reshape(N, D, C).permute(0, 2, 1)
     if grad is None:
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    grad.copy_(g)
-    return loss, lse, grad
+    return grad.copy_(g)
+
+
+def cross_entropy_bwd_inplace(grad_scale, logits, target, lse, weight, ignore_index,
+                              label_smoothing, z_loss):
+    cross_entropy_bwd(grad_scale, logits, target, lse, weight, ignore_index, label_smoothing,
+                      z_loss, grad=logits)
 
 
 # Focal losses (fusedloss::sigmoid_focal_fwd, fusedloss::softmax_focal_fwd). The formulas and the

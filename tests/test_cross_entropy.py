@@ -274,12 +274,16 @@ def test_opcheck():
     x = randn(5, 13, 2)
     t = torch.randint(0, 13, (10,))
     t[3] = -100
-    for args in [(x, t, None, None, -100, 0.0, 0.0, True),
-                 (x, t, torch.rand(13), torch.tensor(0.5), -100, 0.1, 1e-3, True),
-                 (x.bfloat16(), t, None, None, -100, 0.0, 0.0, False)]:
-        opcheck(torch.ops.fusedloss.cross_entropy_fwd.default, args)
-    opcheck(torch.ops.fusedloss.cross_entropy_fwd_inplace.default,
-            (x.clone(), t, torch.rand(13), torch.tensor(0.1), -100, 0.1, 0.0))
+    w = torch.rand(13)
+    for xx, ww, eps, z in [(x, None, 0.0, 0.0), (x, w, 0.1, 1e-3), (x.bfloat16(), None, 0.0, 0.0),
+                           (x.transpose(0, 2), w, 0.2, 0.0)]:
+        opcheck(torch.ops.fusedloss.cross_entropy_fwd.default, (xx, t, ww, -100, eps, z))
+        _, lse = torch.ops.fusedloss.cross_entropy_fwd(xx, t, ww, -100, eps, z)
+        for scale in [torch.tensor([0.5]), torch.randn(10)]:
+            args = (scale, xx, t, lse, ww, -100, eps, z)
+            opcheck(torch.ops.fusedloss.cross_entropy_bwd.default, args)
+            opcheck(torch.ops.fusedloss.cross_entropy_bwd_inplace.default,
+                    (scale, xx.clone(), t, lse, ww, -100, eps, z))
 
 
 def test_compile_fullgraph():
