@@ -21,7 +21,7 @@ from torch import nn
 
 from . import _backend
 from ._common import check_class_targets, check_same_device, check_tensor, resolve_reduction
-from .cross_entropy import _ce_rows
+from .cross_entropy import _ce_forward
 from .reference import acc_dtype
 
 try:
@@ -79,8 +79,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             # ignore_index -1 never matches t_loc >= 0: the kernel computes every row's lse.
             # With eps = 1 its row loss is lse_r - sum_r / V_r, which gives the row sum in the
             # same single read of the shard (only asked for when label smoothing needs it).
-            loss_k, lse_r, _ = _ce_rows(x2.unsqueeze(-1), t_loc, None, None, -1,
-                                        1.0 if eps else 0.0, 0.0, False, False)
+            loss_k, lse_r = _ce_forward(x2.unsqueeze(-1), t_loc, None, -1,
+                                        1.0 if eps else 0.0, 0.0)
             sum_r = width * (lse_r - loss_k) if eps else torch.zeros_like(lse_r)
             x_y = torch.where(in_slice, x2.gather(1, t_loc[:, None])[:, 0].to(acc), 0.0)
         else:  # an empty shard: contributes nothing (exp(-inf) = 0)
