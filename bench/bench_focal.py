@@ -1,0 +1,105 @@
+"""Focal losses forward+backward: fusedloss vs the eager torchvision formula vs its torch.compile.
+
+    python bench/bench_focal.py            # CPU here, CUDA where present
+    python bench/bench_focal.py --quick
+Sigmoid focal on a RetinaNet-like shape (anchors x 80 classes, reduction 'sum' / num_pos, as
+detectors use it); softmax focal on a segmentation shape (N, 19, H, W). The torchvision formula is
+written out here (torchvision.ops.sigmoid_focal_loss); the softmax baseline is its usual eager
+form over log_softmax. GB/s counts one read of the inputs (and targets) and one write of the
+gradient.
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+import fusedloss  # noqa: E402
+
+
+def tv_sigmoid_focal(inputs, targets, alpha: float = 0.25, gamma: float = 2.0):
+    """torchvision.ops.sigmoid_focal_loss (reduction 'none')."""
+    p = torch.sigmoid(inputs)
+    ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+        loss = alpha_t * loss
+    return loss
+
+
+def eager_softmax_focal(logits, target, gamma: float = 2.0, ignore_index: int = -100):
+    """The common eager softmax focal loss: -(1 - p_t)^gamma log p_t, mean over valid pixels."""
+    logp = F.log_softmax(logits, dim=1)
+    valid = target != ignore_index
+    lp = logp.gather(1, torch.where(valid, target, 0).unsqueeze(1)).squeeze(1)
+    loss = -((1 - lp.exp()) ** gamma) * lp
+    return torch.where(valid, loss, 0.0).sum() / valid.sum()
+
+
+def main():
+    args = _common.parse_args(__doc__)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        sig_shapes = [(8, 24555, 80, torch.float32), (8, 24555, 80, torch.bfloat16)]
+        seg_shapes = [(16, 19, 512, 512, torch.float32), (16, 19, 512, 512, torch.bfloat16)]
+    else:
+        sig_shapes = [(1, 200_000, 80, torch.float32), (1, 200_000, 80, torch.bfloat16)]
+        seg_shapes = [(8, 19, 128, 128, torch.float32)]
+    if args.quick:
+        sig_shapes, seg_shapes = [(1, 20_000, 80, torch.float32)], [(2, 19, 64, 64, torch.float32)]
+
+    def make_sig(b, a, c, dtype):
+        def inputs():
+            g = torch.Generator(device="cpu").manual_seed(0)
+            x = (torch.randn(b, a, c, generator=g) * 2 - 3).to(device=device, dtype=dtype)
+            x.requires_grad_(True)
+            # about 1 positive class in 1000: a RetinaNet-like foreground rate
+            y = (torch.rand(b, a, c, generator=g) < 1e-3).to(device=device, dtype=dtype)
+            return x, y, y.sum().float().clamp(min=1)
+        return inputs
+
+    def make_seg(n, c, h, w, dtype):
+        def inputs():
+            g = torch.Generator(device="cpu").manual_seed(0)
+            x = (torch.randn(n, c, h, w, generator=g) * 2).to(device=device, dtype=dtype)
+            x.requires_grad_(True)
+            t = torch.randint(0, c, (n, h, w), generator=g)
+            t[:, :4] = -100  # some ignored pixels
+            return x, t.to(device)
+        return inputs
+
+    tv_compiled = torch.compile(tv_sigmoid_focal)
+    sm_compiled = torch.compile(eager_softmax_focal)
+    sig_providers = {
+        "fusedloss": lambda i: _common.fwd_bwd(lambda: fusedloss.functional.sigmoid_focal_loss(
+            i[0], i[1], reduction="sum", normalizer=i[2]), i[0]),
+        "torchvision formula": lambda i: _common.fwd_bwd(
+            lambda: tv_sigmoid_focal(i[0], i[1]).sum() / i[2], i[0]),
+        "torch.compile": lambda i: _common.fwd_bwd(
+            lambda: tv_compiled(i[0], i[1]).sum() / i[2], i[0]),
+    }
+    seg_providers = {
+        "fusedloss": lambda i: _common.fwd_bwd(
+            lambda: fusedloss.functional.softmax_focal_loss(i[0], i[1]), i[0]),
+        "eager formula": lambda i: _common.fwd_bwd(lambda: eager_softmax_focal(*i), i[0]),
+        "torch.compile": lambda i: _common.fwd_bwd(lambda: sm_compiled(*i), i[0]),
+    }
+    name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+    sig_cases = [(f"sigmoid {b}x{a}x{c} {name(dt)}", make_sig(b, a, c, dt))
+                 for b, a, c, dt in sig_shapes]
+    seg_cases = [(f"softmax {n}x{c}x{h}x{w} {name(dt)}", make_seg(n, c, h, w, dt))
+                 for n, c, h, w, dt in seg_shapes]
+    # one read of x and y and one write of the gradient; softmax: x, int64 target, gradient
+    sig_bytes = lambda i: 3 * i[0].numel() * i[0].element_size()  # noqa: E731
+    seg_bytes = lambda i: 2 * i[0].numel() * i[0].element_size() + 8 * i[1].numel()  # noqa: E731
+    _common.run("sigmoid_focal", sig_cases, sig_providers, sig_bytes, args)
+    _common.run("softmax_focal", seg_cases, seg_providers, seg_bytes, args)
+
+
+if __name__ == "__main__":
+    main()
