@@ -29,22 +29,25 @@ CLIP_MODES = (None, "norm", "value", "agc")
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _tensor_list(tensors, name):
-    if isinstance(tensors, torch.Tensor):
-        return [tensors]
+def _grads(parameters):
+    """The .grad of every parameter that has one (one pass: thousands of parameters are common)."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = []
+    for p in _iterable(parameters, "parameters"):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"parameters must hold tensors, got {type(p).__name__}")
+        if p.grad is not None:
+            grads.append(p.grad)
+    return grads
+
+
+def _iterable(obj, name):
     try:
-        tensors = list(tensors)
+        return iter(obj)
     except TypeError:
         raise TypeError(f"{name} must be a tensor or an iterable of tensors, "
-                        f"got {type(tensors).__name__}") from None
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must hold tensors, got {type(t).__name__}")
-    return tensors
-
-
-def _grads(parameters):
-    return [p.grad for p in _tensor_list(parameters, "parameters") if p.grad is not None]
+                        f"got {type(obj).__name__}") from None
 
 
 def _norm_type(norm_type) -> float:
@@ -65,10 +68,15 @@ def _positive(name, value) -> float:
     return float(value)
 
 
-def _by_device(tensors):
+def _by_device(tensors, name="tensors"):
+    """Non-empty floating-point tensors grouped by device, checked in the same pass."""
     groups = {}
     for t in tensors:
-        groups.setdefault(t.device, []).append(t)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must hold floating-point tensors, got {got}")
+        if t.numel():  # empty tensors add nothing (and _foreach_norm rejects them for inf)
+            groups.setdefault(t.device, []).append(t)
     return groups
 
 
@@ -78,20 +86,17 @@ def global_norm(tensors, norm_type=2.0) -> torch.Tensor:
     """p-norm of all the tensors as if concatenated into one vector, as a 0-d fp32 tensor on the
     first tensor's device. Computed in fp32 whatever the tensors' dtype (an fp16 norm overflows at
     65504), with one fused _foreach_norm call per device. inf/NaN propagate; no host sync."""
-    tensors = _tensor_list(tensors, "tensors")
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
     p = _norm_type(norm_type)
-    for t in tensors:
-        if not t.is_floating_point():
-            raise TypeError(f"tensors must be floating point, got {t.dtype}")
-    first = tensors[0].device if tensors else None
-    tensors = [t for t in tensors if t.numel()]  # empty ones add nothing (and break the inf norm)
-    if not tensors:
-        return torch.zeros((), dtype=torch.float32, device=first)
+    groups = _by_device(_iterable(tensors, "tensors"))
+    if not groups:
+        return torch.zeros((), dtype=torch.float32)
     per_device = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(ts, p, dtype=torch.float32)), p)
-                  for ts in _by_device(tensors).values()]
+                  for ts in groups.values()]
     if len(per_device) == 1:
         return per_device[0]
-    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in per_device]), p)
+    return torch.linalg.vector_norm(torch.stack([n.to(per_device[0].device) for n in per_device]), p)
 
 
 def grad_norm(parameters, norm_type=2.0) -> torch.Tensor:
@@ -108,19 +113,24 @@ def clip_coef(total_norm: torch.Tensor, max_norm: float, eps: float = 1e-6) -> t
     return torch.clamp(max_norm / (total_norm.float() + eps), max=1.0)
 
 
-@torch.no_grad()
 def scale_grads_(parameters, scale) -> None:
     """grad *= scale for every parameter with a gradient; `scale` is a float or a 0-d tensor
     (kept on the device: no host sync)."""
-    for dev, grads in _by_device(_grads(parameters)).items():
-        torch._foreach_mul_(grads, scale.to(dev) if isinstance(scale, torch.Tensor) else scale)
+    _scale_(_grads(parameters), scale)
+
+
+@torch.no_grad()
+def _scale_(grads, scale):
+    for dev, ts in _by_device(grads, "gradients").items():
+        torch._foreach_mul_(ts, scale.to(dev) if isinstance(scale, torch.Tensor) else scale)
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type=2.0) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ with the norm taken in fp32; returns the pre-clip norm."""
-    parameters = _tensor_list(parameters, "parameters")
-    total = grad_norm(parameters, norm_type)
-    scale_grads_(parameters, clip_coef(total, max_norm))
+    """torch.nn.utils.clip_grad_norm_ with the norm taken in fp32; returns the pre-clip norm.
+    (The returned norm is fp32; torch's has the gradients' dtype.)"""
+    grads = _grads(parameters)
+    total = global_norm(grads, norm_type)
+    _scale_(grads, clip_coef(total, max_norm))
     return total
 
 
@@ -128,7 +138,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type=2.0) -> torch.Tensor:
 def clip_grad_value_(parameters, clip_value: float) -> None:
     """torch.nn.utils.clip_grad_value_: clamp every gradient element to [-clip_value, clip_value]."""
     clip_value = _positive("clip_value", clip_value)
-    for grads in _by_device(_grads(parameters)).values():
+    for grads in _by_device(_grads(parameters), "gradients").values():
         torch._foreach_clamp_min_(grads, -clip_value)
         torch._foreach_clamp_max_(grads, clip_value)
 
@@ -169,7 +179,11 @@ def adaptive_clip_grad_(parameters, clipping: float = 0.01, eps: float = 1e-3, *
     clipping = _positive("clipping", clipping)
     eps = _positive("eps", eps)
     skip = _param_ids(exclude)
-    for p in _tensor_list(parameters, "parameters"):
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    for p in _iterable(parameters, "parameters"):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"parameters must hold tensors, got {type(p).__name__}")
         if p.grad is None or id(p) in skip:
             continue
         max_norm = unitwise_norm(p).clamp_min(eps) * clipping
@@ -347,7 +361,7 @@ class TrainStep:
                 total = total.clone()
                 dist.all_reduce(total, group=self.model.process_group)
                 total = total / dist.get_world_size(self.model.process_group)
-            scale_grads_(params, 1.0 / total)
+            _scale_(_grads(params), 1.0 / total)
         else:
             accum_loss = self._loss_sum / self.accum_steps
         norm = grad_norm(params, self.norm_type)
@@ -371,7 +385,7 @@ class TrainStep:
             return torch.ones_like(norm)
         if self.clip == "norm":
             coef = clip_coef(norm, self.max_norm)
-            scale_grads_(params, coef)
+            _scale_(_grads(params), coef)
             return coef
         if self.clip == "value":
             clip_grad_value_(params, self.clip_value)
