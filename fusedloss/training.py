@@ -14,6 +14,7 @@ TrainStep runs one micro-batch per call; see its docstring for the order it keep
 """
 import contextlib
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,7 +62,7 @@ def _norm_type(norm_type) -> float:
 
 
 def _positive(name, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -364,7 +365,8 @@ class TrainStep:
             _scale_(_grads(params), 1.0 / total)
         else:
             accum_loss = self._loss_sum / self.accum_steps
-        norm = grad_norm(params, self.norm_type)
+        # .to: a no-op, except when no parameter has a gradient (a CPU zero)
+        norm = grad_norm(params, self.norm_type).to(self._consecutive.device)
         skipped = ~torch.isfinite(norm)  # decided before clipping: value clipping hides an inf
         coef = self._clip(params, norm)
         skipped_host = self._optimizer_step(skipped)
