@@ -123,22 +123,39 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, lse, t_loc, in_slice, ok, vocab, scale = ctx.saved_tensors
-        eps, z = ctx.eps, ctx.z
         n, width = t_loc.numel(), x.shape[-1]
         if width == 0:
             return torch.zeros_like(x), None, None, None, None, None, None, None
-        # One acc-dtype buffer (x - lse promotes to lse's dtype), updated in place.
-        g = torch.sub(x.reshape(n, width), lse[:, None])
-        g.exp_().mul_((1 + 2 * z * lse)[:, None])
-        if eps:
-            g.sub_(eps / vocab)
-        g.scatter_add_(1, t_loc[:, None], (in_slice.to(g.dtype) * (eps - 1.0))[:, None])
-        row = grad_out.reshape(-1) if ctx.reduction == "none" else grad_out
+        x2 = x.reshape(n, width)
+        row = (grad_out.reshape(-1) if ctx.reduction == "none" else grad_out.expand(n)).to(lse.dtype)
         if scale is not None:
             row = row * scale
         # where, not a product: ignored rows get 0 even when scale is inf (all rows ignored).
-        g.mul_(torch.where(ok, row.to(g.dtype), 0.0)[:, None])
-        return g.to(x.dtype).reshape(x.shape), None, None, None, None, None, None, None
+        row = torch.where(ok, row, 0.0)
+        args = (lse, t_loc, in_slice, row, vocab, ctx.eps, ctx.z)
+        if x.dtype == lse.dtype or n == 0:  # the acc-dtype buffer is the gradient itself
+            grad = _shard_grad(x2, slice(None), *args).to(x.dtype)
+        else:  # fp16 / bf16: in row blocks, so that the fp32 temporary stays small
+            grad = torch.empty(n, width, dtype=x.dtype, device=x.device)
+            step = max(1, _BLOCK_ELEMS // width)
+            for r in range(0, n, step):
+                grad[r:r + step] = _shard_grad(x2, slice(r, r + step), *args)
+        return grad.reshape(x.shape), None, None, None, None, None, None, None
+
+
+_BLOCK_ELEMS = 1 << 22  # fp32 elements of the backward's temporary for fp16 / bf16 logits
+
+
+def _shard_grad(x2, rows, lse, t_loc, in_slice, row, vocab, eps, z):
+    """Gradient of the given rows of the shard, in lse's (acc) dtype:
+    row * (exp(x - lse) (1 + 2 z lse) - eps/V - (1 - eps)[j == y])."""
+    lse = lse[rows]
+    g = torch.sub(x2[rows], lse[:, None])  # promotes to lse's dtype: a new buffer, updated in place
+    g.exp_().mul_((1 + 2 * z * lse)[:, None])
+    if eps:
+        g.sub_(eps / vocab)
+    g.scatter_add_(1, t_loc[rows, None], (in_slice[rows].to(g.dtype) * (eps - 1.0))[:, None])
+    return g.mul_(row[rows, None])
 
 
 def vocab_parallel_cross_entropy(logits_shard, target, process_group=None, vocab_start_index=None,

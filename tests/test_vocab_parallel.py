@@ -71,7 +71,7 @@ def close(actual, expected, atol):
 
 def run_case(widths, shape=(6,), dtype=torch.float32, reduction="mean", ignore_index=-100,
              n_ignored=2, label_smoothing=0.0, z_loss=0.0, pass_start=False, group=None, seed=0,
-             module=False, backend="", noncontig=False):
+             module=False, backend="", noncontig=False, block=None):
     """One case on this rank: inputs built from the same seed on every rank; rank r holds
     columns [sum(widths[:r]), + widths[r]) of the full logits."""
     rank = dist.get_rank(group)
@@ -94,7 +94,10 @@ def run_case(widths, shape=(6,), dtype=torch.float32, reduction="mean", ignore_i
           lambda x, t: vocab_parallel_cross_entropy(x, t, process_group=group,
                                                     vocab_start_index=start if pass_start
                                                     else None, **kw))
-    saved_env, _backend._ENV = _backend._ENV, backend
+    saved = _backend._ENV, fusedloss.distributed._BLOCK_ELEMS
+    _backend._ENV = backend
+    if block:  # rows per backward block for fp16 / bf16 = block // width
+        fusedloss.distributed._BLOCK_ELEMS = block
     try:
         with count_collectives() as fwd_calls:
             out = fn(shard, target)
@@ -109,7 +112,7 @@ def run_case(widths, shape=(6,), dtype=torch.float32, reduction="mean", ignore_i
             out.backward(go.to(dtype))
         assert bwd_calls == [], bwd_calls
     finally:
-        _backend._ENV = saved_env
+        _backend._ENV, fusedloss.distributed._BLOCK_ELEMS = saved
     (ref_grad,) = torch.autograd.grad(ref, ref_x, go)
     close(shard.grad, ref_grad[..., start:start + widths[rank]], ATOL[dtype])
 
@@ -132,6 +135,7 @@ def cases(world):
         yield w, dict(dtype=torch.float64, label_smoothing=0.2, z_loss=1e-2)
         yield w, dict(dtype=torch.bfloat16, label_smoothing=0.1)
         yield w, dict(dtype=torch.float16, z_loss=1e-2, reduction="none")
+        yield w, dict(dtype=torch.bfloat16, shape=(7,), block=12, label_smoothing=0.1, z_loss=1e-2)
         yield w, dict(noncontig=True, shape=(2, 3), label_smoothing=0.1, z_loss=1e-2)
         yield [700 * k for k in w], dict(shape=(4,), n_ignored=1, label_smoothing=0.1, z_loss=1e-3)
         yield w, dict(module=True, label_smoothing=0.1, z_loss=1e-2, reduction="sum")
