@@ -46,7 +46,8 @@ def main():
     providers = {
         "norm: fusedloss grad_norm": lambda ps: training.grad_norm(ps),
         "norm: torch get_total_norm": lambda ps: torch.nn.utils.get_total_norm(grads(ps)),
-        "norm: torch get_total_norm foreach=False": lambda ps: torch.nn.utils.get_total_norm(grads(ps), foreach=False),
+        "norm: torch get_total_norm foreach=False":
+            lambda ps: torch.nn.utils.get_total_norm(grads(ps), foreach=False),
         "norm: naive loop": lambda ps: naive_norm(grads(ps)),
         "clip: fusedloss clip_grad_norm_": lambda ps: training.clip_grad_norm_(ps, 1.0),
         "clip: torch clip_grad_norm_": lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0),

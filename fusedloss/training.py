@@ -93,11 +93,12 @@ def global_norm(tensors, norm_type=2.0) -> torch.Tensor:
     groups = _by_device(_iterable(tensors, "tensors"))
     if not groups:
         return torch.zeros((), dtype=torch.float32)
-    per_device = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(ts, p, dtype=torch.float32)), p)
-                  for ts in groups.values()]
+    per_device = [torch.linalg.vector_norm(
+        torch.stack(torch._foreach_norm(ts, p, dtype=torch.float32)), p) for ts in groups.values()]
     if len(per_device) == 1:
         return per_device[0]
-    return torch.linalg.vector_norm(torch.stack([n.to(per_device[0].device) for n in per_device]), p)
+    first = per_device[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in per_device]), p)
 
 
 def grad_norm(parameters, norm_type=2.0) -> torch.Tensor:
@@ -137,7 +138,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type=2.0) -> torch.Tensor:
 
 @torch.no_grad()
 def clip_grad_value_(parameters, clip_value: float) -> None:
-    """torch.nn.utils.clip_grad_value_: clamp every gradient element to [-clip_value, clip_value]."""
+    """torch.nn.utils.clip_grad_value_: clamp every gradient to [-clip_value, clip_value]."""
     clip_value = _positive("clip_value", clip_value)
     for grads in _by_device(_grads(parameters), "gradients").values():
         torch._foreach_clamp_min_(grads, -clip_value)
@@ -150,7 +151,8 @@ def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
     kept broadcastable against x."""
     if x.ndim <= 1:
         return torch.linalg.vector_norm(x, dtype=torch.float32)
-    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True, dtype=torch.float32)
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True,
+                                    dtype=torch.float32)
 
 
 def _param_ids(exclude):
@@ -169,11 +171,14 @@ def _param_ids(exclude):
 
 
 @torch.no_grad()
-def adaptive_clip_grad_(parameters, clipping: float = 0.01, eps: float = 1e-3, *, exclude=()) -> None:
+def adaptive_clip_grad_(parameters, clipping: float = 0.01, eps: float = 1e-3, *,
+                        exclude=()) -> None:
     """Adaptive gradient clipping (Brock et al. 2021, NFNets), unit-wise: for every unit i of every
     parameter W with gradient G,
 
-        max_i = clipping * max(||W_i||, eps);   G_i *= max_i / max(||G_i||, 1e-6)   if ||G_i|| > max_i
+        max_i = clipping * max(||W_i||, eps);   if ||G_i|| > max_i: G_i *= max_i / ||G_i||
+
+    (||G_i|| floored at 1e-6 in the division, as in the paper's code)
 
     `exclude` (parameters and/or modules) is left unclipped: the paper does not clip the final
     classifier layer. Norms in fp32, no host sync."""
@@ -230,13 +235,15 @@ class TrainStep:
         scheduler: stepped once per boundary, skipped steps included (as in PyTorch's AMP recipe;
             the schedule follows the data, and needs no host sync to decide).
         max_consecutive_skips: RuntimeError once this many optimizer steps in a row were skipped
-            for a non-finite gradient (None: never). The default leaves room for fp16's scale search.
+            for a non-finite gradient (None: never). The default leaves room for fp16's scale
+            search.
 
     Accumulation normalisation: by default each micro-batch's loss (a mean) is divided by
     accum_steps, so equal micro-batches give the update of one batch accum_steps times larger.
     For summed losses (reduction="sum") pass num_items= (e.g. the number of non-ignored tokens,
     a device tensor) on every micro-batch: the gradients are divided by the window's total at the
-    boundary (under DDP the total over all ranks), i.e. the mean over all valid items.
+    boundary (under DDP the total over all ranks), i.e. the mean over all valid items. A window
+    with no items at all gets a NaN gradient, so its step is skipped (and counted).
 
     Host syncs: none on micro-steps. At a boundary: none when the optimizer takes a found_inf
     tensor (fused=True Adam/AdamW/SGD: the skip happens on the device); otherwise one bool read to
@@ -250,7 +257,8 @@ class TrainStep:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, "
+                            f"got {type(optimizer).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
@@ -270,14 +278,14 @@ class TrainStep:
         if amp_dtype == torch.float32:
             amp_dtype = None
         if amp_dtype not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(f"amp_dtype must be None, torch.float32, torch.bfloat16 or torch.float16; "
-                             f"got {amp_dtype!r}")
+            raise ValueError("amp_dtype must be None, torch.float32, torch.bfloat16 or "
+                             f"torch.float16; got {amp_dtype!r}")
         if scheduler is not None and not callable(getattr(scheduler, "step", None)):
             raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
-        if max_consecutive_skips is not None and (
-                isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, int)
-                or max_consecutive_skips < 1):
-            raise ValueError(f"max_consecutive_skips must be None or an int >= 1, got {max_consecutive_skips!r}")
+        limit = max_consecutive_skips
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
+            raise ValueError(f"max_consecutive_skips must be None or an int >= 1, got {limit!r}")
         param = next(model.parameters(), None)
         if param is None:
             raise ValueError("model has no parameters")
@@ -308,7 +316,8 @@ class TrainStep:
         return self._skipped_total
 
     def _forward(self, input, target):
-        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        amp = self.amp_dtype is not None
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=amp):
             if isinstance(input, tuple):
                 out = self.model(*input)
             elif isinstance(input, dict):
@@ -318,7 +327,8 @@ class TrainStep:
             loss = self.loss_fn(out, target)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"loss_fn must return a 0-d tensor (reduction 'mean' or 'sum'), got {got}")
+            raise ValueError(f"loss_fn must return a 0-d tensor (reduction 'mean' or 'sum'), "
+                             f"got {got}")
         return loss
 
     def __call__(self, input, target, *, num_items=None) -> StepResult:
@@ -326,7 +336,8 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)  # never accumulate into stale gradients
             self._summed, self._loss_sum, self._items = num_items is not None, None, None
         elif (num_items is not None) != self._summed:
-            raise ValueError("num_items must be given on every micro-batch of an accumulation window, or on none")
+            raise ValueError("num_items must be given on every micro-batch of an accumulation "
+                             "window, or on none")
         boundary = self.micro_step + 1 == self.accum_steps
         no_sync = getattr(self.model, "no_sync", None)
         # DDP reads its sync flag in forward too, so no_sync covers forward and backward.
@@ -421,23 +432,24 @@ class TrainStep:
         self._known, self._unverified = int(self._consecutive), 0
         if self._known >= limit:
             raise RuntimeError(
-                f"TrainStep: {self._known} optimizer steps in a row were skipped because the gradient "
-                f"was not finite (inf/NaN) (max_consecutive_skips={limit}). Check the data, the loss "
-                "and the learning rate, or raise max_consecutive_skips.")
+                f"TrainStep: {self._known} optimizer steps in a row were skipped because the "
+                f"gradient was not finite (inf/NaN) (max_consecutive_skips={limit}). Check the "
+                "data, the loss and the learning rate, or raise max_consecutive_skips.")
 
     def state_dict(self) -> dict:
         """TrainStep's own state: step counters and the GradScaler's state. The model, optimizer
         and scheduler keep their own state_dicts. Only at a step boundary: the gradients
         accumulated inside a window are not part of any state_dict."""
         if self.micro_step:
-            raise RuntimeError(f"TrainStep.state_dict() called inside an accumulation window "
-                               f"(micro-step {self.micro_step} of {self.accum_steps}); call it after "
-                               "a call whose result has stepped=True")
+            raise RuntimeError("TrainStep.state_dict() called inside an accumulation window "
+                               f"(micro-step {self.micro_step} of {self.accum_steps}); call it "
+                               "after a call whose result has stepped=True")
         return {"steps": self.steps, "consecutive_skips": self._consecutive.clone(),
                 "skipped_steps": self._skipped_total.clone(),
                 "scaler": None if self.scaler is None else self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores state_dict(); a window in progress is dropped (the next call starts anew)."""
         missing = {"steps", "consecutive_skips", "skipped_steps", "scaler"} - set(state)
         if missing:
             raise KeyError(f"state is missing {sorted(missing)}")

@@ -77,12 +77,14 @@ def test_global_norm_matches_reference_and_torch(norm_type):
     assert out.dtype == torch.float32 and out.ndim == 0
     torch.testing.assert_close(out.double(), ref_norm(grads, norm_type), rtol=1e-6, atol=0)
     nonempty = [g for g in grads if g.numel()]  # torch's inf norm rejects empty tensors
-    torch.testing.assert_close(out, torch.nn.utils.get_total_norm(nonempty, norm_type), rtol=1e-6, atol=0)
+    theirs = torch.nn.utils.get_total_norm(nonempty, norm_type)
+    torch.testing.assert_close(out, theirs, rtol=1e-6, atol=0)
     torch.testing.assert_close(T.global_norm(grads, norm_type), out, rtol=0, atol=0)
 
 
 def test_global_norm_many_small_tensors_and_mixed_dtypes():
-    ps = params_with_grads([(3, 2)] * 2000, seed=3) + params_with_grads([(5,)] * 10, torch.bfloat16, seed=4)
+    ps = params_with_grads([(3, 2)] * 2000, seed=3)
+    ps += params_with_grads([(5,)] * 10, torch.bfloat16, seed=4)
     grads = [p.grad for p in ps]
     torch.testing.assert_close(T.grad_norm(ps).double(), ref_norm(grads, 2), rtol=1e-6, atol=0)
 
@@ -92,7 +94,8 @@ def test_global_norm_fp16_is_fp32():
     g = torch.full((256, 256), 300.0, dtype=torch.float16)
     out = T.global_norm([g, g[:0]])
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), ref_norm([g], 2), rtol=1e-4, atol=0)  # fp32 sum of 65536 terms
+    # rtol: an fp32 sum of 65536 equal terms
+    torch.testing.assert_close(out.double(), ref_norm([g], 2), rtol=1e-4, atol=0)
 
 
 def test_global_norm_propagates_nonfinite_and_empty():
@@ -119,7 +122,8 @@ def test_clip_grad_norm_matches_torch(max_norm, norm_type):
     coef = T.clip_coef(n_ours, max_norm)
     torch.testing.assert_close(coef, torch.clamp(max_norm / (n_ours + 1e-6), max=1.0))
     if max_norm < 1:
-        torch.testing.assert_close(T.grad_norm(ours, norm_type), torch.tensor(max_norm), rtol=1e-5, atol=0)
+        after = T.grad_norm(ours, norm_type)
+        torch.testing.assert_close(after, torch.tensor(max_norm), rtol=1e-5, atol=0)
 
 
 def test_clip_grad_value_matches_torch():
@@ -288,7 +292,8 @@ def test_accumulation_equals_big_batch(clip):
     kw = dict(clip=clip, max_norm=0.3 if clip else None)
     s_acc = fusedloss.TrainStep(acc, torch.optim.SGD(acc.parameters(), lr=0.3, momentum=0.9), ce,
                                 accum_steps=k, **kw)
-    s_big = fusedloss.TrainStep(big, torch.optim.SGD(big.parameters(), lr=0.3, momentum=0.9), ce, **kw)
+    s_big = fusedloss.TrainStep(big, torch.optim.SGD(big.parameters(), lr=0.3, momentum=0.9), ce,
+                                **kw)
     data = batches(3 * k, b)
     for i in range(3):
         window = data[i * k:(i + 1) * k]
@@ -309,7 +314,8 @@ def test_accumulation_summed_loss_num_items():
     acc, big = mlp(), mlp()
     s_acc = fusedloss.TrainStep(acc, torch.optim.SGD(acc.parameters(), lr=0.5),
                                 fusedloss.CrossEntropyLoss(reduction="sum"), accum_steps=k)
-    s_big = fusedloss.TrainStep(big, torch.optim.SGD(big.parameters(), lr=0.5), fusedloss.CrossEntropyLoss())
+    s_big = fusedloss.TrainStep(big, torch.optim.SGD(big.parameters(), lr=0.5),
+                                fusedloss.CrossEntropyLoss())
     data = batches(2 * k, 10, seed=7)
     for j, (x, y) in enumerate(data):
         y[: 2 * (j % k) + 1] = -100  # 1, 3 and 5 ignored targets per micro-batch
@@ -333,6 +339,18 @@ def test_num_items_all_or_nothing():
         step(x, y)
     with pytest.raises(ValueError, match="num_items"):
         step(x, y, num_items=torch.ones(2))
+
+
+def test_num_items_window_without_items_is_skipped():
+    model = mlp()
+    step = fusedloss.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                               fusedloss.CrossEntropyLoss(reduction="sum"), accum_steps=2)
+    params = copy.deepcopy(model.state_dict())
+    for x, y in batches(2, 4):
+        y.fill_(-100)  # nothing to learn from: 0 / 0
+        r = step(x, y, num_items=(y != -100).sum())
+    assert r.skipped and step.skipped_steps.item() == 1
+    assert_same_state(params, model.state_dict())
 
 
 class NoSyncRecorder(nn.Module):
@@ -452,7 +470,8 @@ def test_scheduler_steps_once_per_boundary():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
-    step = fusedloss.TrainStep(model, opt, fusedloss.CrossEntropyLoss(), accum_steps=2, scheduler=sched)
+    step = fusedloss.TrainStep(model, opt, fusedloss.CrossEntropyLoss(), accum_steps=2,
+                               scheduler=sched)
     for x, y in batches(6, 4):
         step(x, y)
     assert sched.last_epoch == 3 and opt.param_groups[0]["lr"] == 0.125
@@ -488,7 +507,8 @@ def test_state_dict_round_trip():
     for x, y in data[:4]:
         step(x, y)
     sd = step.state_dict()
-    assert sd["steps"] == 2 and sd["consecutive_skips"].item() == 2 and sd["skipped_steps"].item() == 2
+    assert sd["steps"] == 2
+    assert sd["consecutive_skips"].item() == 2 and sd["skipped_steps"].item() == 2
     step(*data[4])
     with pytest.raises(RuntimeError, match="accumulation window"):
         step.state_dict()
@@ -565,7 +585,8 @@ def test_digits_training_run_matches_hand_loop():
         return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
 
     model, opt, sched = make()
-    step = fusedloss.TrainStep(model, opt, ce, accum_steps=2, clip="norm", max_norm=1.0, scheduler=sched)
+    step = fusedloss.TrainStep(model, opt, ce, accum_steps=2, clip="norm", max_norm=1.0,
+                               scheduler=sched)
     hand, opt_h, sched_h = make()
     losses = []
     for epoch in range(3):
