@@ -560,6 +560,28 @@ def test_train_step_bad_objects_and_loss():
         step(*batches(1, 4)[0])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_host_sync_with_fused_optimizer_on_cuda():
+    """With a fused optimizer, neither micro-steps nor boundaries sync with the host: CUDA's sync
+    debug mode turns any sync into an error. (torch's cross-entropy here: fusedloss's eager CUDA
+    path reads the targets for its range check, by design.)"""
+    model = mlp().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    step = fusedloss.TrainStep(model, opt, nn.functional.cross_entropy, accum_steps=2, clip="norm",
+                               max_norm=0.5, amp_dtype=torch.bfloat16)
+    data = [(x.cuda(), y.cuda()) for x, y in batches(6, 8)]
+    for x, y in data[:2]:  # warm-up: optimizer state, kernels, allocator
+        step(x, y)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [step(x, y) for x, y in data[2:]]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [r.stepped for r in results] == [False, True, False, True]
+    assert not results[-1].skipped and torch.isfinite(results[-1].grad_norm)
+
+
 # ----------------------------------------------------------------------------- a real run
 def digits_split():
     from sklearn.datasets import load_digits  # ships with scikit-learn: no download
