@@ -212,6 +212,29 @@ def check_dtensor(world):
         vocab_parallel_cross_entropy(distribute_tensor(full, mesh, [Shard(0)]), target)
 
 
+def check_compile(world):
+    """torch.compile(fullgraph=True) traces the collective and the kernel op (the checks that read
+    data are skipped there): same loss and gradients."""
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(3)
+    widths = [3 + r for r in range(world)]
+    full = torch.randn(6, sum(widths), generator=gen)
+    target = torch.randint(0, sum(widths), (6,), generator=gen)
+    target[2] = -100
+    start = sum(widths[:rank])
+    x = full[:, start:start + widths[rank]].clone().requires_grad_(True)
+    # aot_eager: the whole graph through dynamo and AOT autograd, without inductor codegen (slow).
+    fn = torch.compile(vocab_parallel_cross_entropy, fullgraph=True, dynamic=False,
+                       backend="aot_eager")
+    out = fn(x, target, label_smoothing=0.1, z_loss=1e-2)
+    out.backward()
+    ref_x = full.double().requires_grad_(True)
+    ref = reference(ref_x, target, label_smoothing=0.1, z_loss=1e-2)
+    ref.backward()
+    close(out, ref.detach(), ATOL[torch.float32])
+    close(x.grad, ref_x.grad[:, start:start + widths[rank]], ATOL[torch.float32])
+
+
 def _worker(rank, world, init_method):
     torch.set_num_threads(1)  # world processes share few cores: spinning OpenMP threads stall them
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
@@ -225,6 +248,8 @@ def _worker(rank, world, init_method):
         check_errors(world)
         check_subgroup(world)
         check_dtensor(world)
+        if world == 2:  # compiling takes seconds: one world size is enough
+            check_compile(world)
     finally:
         dist.destroy_process_group()
 
