@@ -14,8 +14,8 @@ namespace fusedloss {
 namespace {
 
 template <typename T>
-inline void bce_impl(int64_t n, const T* x, const T* y, const T* w, const T* pw, T scale, T* loss,
-                     T* gx, T* gy) {
+inline void bce_impl(int64_t n, const T* x, const T* y, const T* w, const T* pw, T* loss, T* gx,
+                     T* gy) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const T xi = x[i];
@@ -28,38 +28,49 @@ inline void bce_impl(int64_t n, const T* x, const T* y, const T* w, const T* pw,
     const T sig_neg = xi >= 0 ? e * r : r;  // sigmoid(-x)
     const T a = pw[i] * y[i], b = T(1) - y[i];
     loss[i] = w[i] * (a * sp_neg + b * sp_pos);
-    const T sw = scale * w[i];
-    gx[i] = sw * (b * sig_pos - a * sig_neg);
-    gy[i] = sw * (pw[i] * sp_neg - sp_pos);
+    gx[i] = w[i] * (b * sig_pos - a * sig_neg);
+    gy[i] = w[i] * (pw[i] * sp_neg - sp_pos);
   }
 }
 FL_MULTIVERSION void bce_block(int64_t n, const float* x, const float* y, const float* w,
-                               const float* pw, float scale, float* loss, float* gx, float* gy) {
-  bce_impl(n, x, y, w, pw, scale, loss, gx, gy);
+                               const float* pw, float* loss, float* gx, float* gy) {
+  bce_impl(n, x, y, w, pw, loss, gx, gy);
 }
 void bce_block(int64_t n, const double* x, const double* y, const double* w, const double* pw,
-               double scale, double* loss, double* gx, double* gy) {
-  bce_impl(n, x, y, w, pw, scale, loss, gx, gy);
+               double* loss, double* gx, double* gy) {
+  bce_impl(n, x, y, w, pw, loss, gx, gy);
 }
 
 struct Bce {
   template <typename T>
-  void operator()(int64_t n, const T* x, const T* y, const T* w, const T* pw, T scale, T* loss,
-                  T* gx, T* gy) const {
-    bce_block(n, x, y, w, pw, scale, loss, gx, gy);
+  void operator()(int64_t n, const T* x, const T* y, const T* w, const T* pw, T* loss, T* gx,
+                  T* gy) const {
+    bce_block(n, x, y, w, pw, loss, gx, gy);
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_fwd(
-    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& pos_weight, int64_t reduction, bool grad_input,
-    bool grad_target) {
-  return elementwise_fwd("fusedloss::bce_fwd", input, target, weight, pos_weight, reduction,
-                         grad_input, grad_target, Bce{});
+at::Tensor bce_fwd(const at::Tensor& input, const at::Tensor& target,
+                   const c10::optional<at::Tensor>& weight,
+                   const c10::optional<at::Tensor>& pos_weight, int64_t reduction) {
+  return std::get<0>(elementwise_run("fusedloss::bce_fwd", input, target, weight, pos_weight,
+                                     c10::nullopt, reduction, true, false, false, Bce{}));
+}
+
+std::tuple<at::Tensor, at::Tensor> bce_bwd(const at::Tensor& grad_out, const at::Tensor& input,
+                                           const at::Tensor& target,
+                                           const c10::optional<at::Tensor>& weight,
+                                           const c10::optional<at::Tensor>& pos_weight,
+                                           int64_t reduction, bool grad_input, bool grad_target) {
+  auto out = elementwise_run("fusedloss::bce_bwd", input, target, weight, pos_weight, grad_out,
+                             reduction, false, grad_input, grad_target, Bce{});
+  return {std::get<1>(out), std::get<2>(out)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedloss, CPU, m) { m.impl("bce_fwd", &bce_fwd); }
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("bce_fwd", &bce_fwd);
+  m.impl("bce_bwd", &bce_bwd);
+}
 
 }  // namespace fusedloss

@@ -3,7 +3,10 @@
 // Every operand is a strided view of one [D0, D1, D2, D3] index space: the Python layer
 // broadcasts with expand (stride 0, no copy) and merges dims that every operand can merge
 // (fusedloss/_elementwise.py), so broadcast weights and non-contiguous inputs are read in place.
-// Outputs (per-element loss, gradients) are contiguous over that space.
+// Outputs (per-element loss, gradients) are contiguous over that space. Forward writes the loss
+// only; backward re-reads the inputs and writes the gradients with grad_out folded in (the same
+// memory traffic as saving a gradient in forward, no buffer held between the two, and any number
+// of backward calls).
 //
 // The index space is cut into fixed chunks of kElemChunk elements, one fp32 partial sum each,
 // added pairwise in chunk order: the reduced loss does not depend on the thread count.
@@ -71,16 +74,30 @@ inline T pairwise_sum(const T* p, int64_t n) {
   return pairwise_sum(p, h) + pairwise_sum(p + h, n - h);
 }
 
-// Runs an element-wise loss. `block(n, x, y, w, pw, scale, loss, gx, gy)` computes on
-// accumulation-type buffers (w, pw are ones where the operand is absent): the per-element loss
-// and the gradients w.r.t. input and target, times `scale` (1/numel for mean, else 1, in fp32).
-// Returns (loss: per element in the input dtype, or the reduced 0-dim value in the acc dtype;
-// grad_input; grad_target), the gradients empty unless requested.
+// gx, gy *= scale * go, in fp32 (grad_out times 1/numel never rounds to a 16-bit type).
+template <typename T>
+inline void scale_grads(int64_t n, T scale, const T* go, T* gx, T* gy) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T s = scale * go[i];
+    gx[i] *= s;
+    gy[i] *= s;
+  }
+}
+
+// Runs an element-wise loss. `block(n, x, y, w, pw, loss, gx, gy)` computes on accumulation-type
+// buffers (w, pw are ones where the operand is absent) the per-element loss and its gradients
+// w.r.t. input and target.
+// Forward (want_loss): returns the loss, per element in the input dtype or the reduced 0-dim value
+// in the acc dtype. Backward (grad_out given, a 4-d view in the input dtype): returns the
+// gradients asked for, times grad_out and 1/numel for mean, the product taken in fp32.
+// Unrequested outputs are empty.
 template <typename Block>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_run(
     const char* name, const at::Tensor& x, const at::Tensor& y,
-    const c10::optional<at::Tensor>& w, const c10::optional<at::Tensor>& pw, int64_t reduction,
-    bool want_gx, bool want_gy, const Block& block) {
+    const c10::optional<at::Tensor>& w, const c10::optional<at::Tensor>& pw,
+    const c10::optional<at::Tensor>& go, int64_t reduction, bool want_loss, bool want_gx,
+    bool want_gy, const Block& block) {
   TORCH_CHECK(x.dim() == 4 && y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type(),
               name, ": input and target must be 4-d views of one shape and dtype");
   for (const auto* t : {&w, &pw}) {
@@ -88,29 +105,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_fwd(
                                     (*t)->scalar_type() == acc_dtype(x)),
                 name, ": weights must be 4-d views of the input's shape in the accumulation dtype");
   }
+  TORCH_CHECK(!go.has_value() || (go->sizes() == x.sizes() && go->scalar_type() == x.scalar_type()),
+              name, ": grad_out must be a 4-d view of the input's shape and dtype");
   TORCH_CHECK(reduction >= kReduceNone && reduction <= kReduceSum, name,
               ": reduction must be 0 (none), 1 (mean) or 2 (sum)");
   const int64_t numel = x.numel();
   const bool reduce = reduction != kReduceNone;
-  at::Tensor loss = reduce ? at::empty({}, x.options().dtype(acc_dtype(x)))
-                           : at::empty(x.sizes(), x.options());
+  const bool grads = want_gx || want_gy;
+  at::Tensor loss = !want_loss ? at::empty({0}, x.options())
+                    : reduce   ? at::empty({}, x.options().dtype(acc_dtype(x)))
+                               : at::empty(x.sizes(), x.options());
   at::Tensor gx = at::empty(want_gx ? x.sizes() : at::IntArrayRef{0}, x.options());
   at::Tensor gy = at::empty(want_gy ? x.sizes() : at::IntArrayRef{0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fusedloss_elementwise", [&] {
     using acc_t = acc_type<scalar_t>;
     const acc_t scale = reduction == kReduceMean ? acc_t(1) / static_cast<acc_t>(numel) : acc_t(1);
-    const View4<scalar_t> xv(x), yv(y);
+    const View4<scalar_t> xv(x), yv(y), gov(go);
     const View4<acc_t> wv(w), pwv(pw);
-    scalar_t* lp = reduce ? nullptr : loss.data_ptr<scalar_t>();
+    scalar_t* lp = want_loss && !reduce ? loss.data_ptr<scalar_t>() : nullptr;
     scalar_t* gxp = want_gx ? gx.data_ptr<scalar_t>() : nullptr;
     scalar_t* gyp = want_gy ? gy.data_ptr<scalar_t>() : nullptr;
     const at::IntArrayRef size = x.sizes();
     const int64_t chunks = (numel + kElemChunk - 1) / kElemChunk;
-    std::vector<acc_t> partial(reduce ? chunks : 0);
+    std::vector<acc_t> partial(want_loss && reduce ? chunks : 0);
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       acc_t xb[kBlock], yb[kBlock], wb[kBlock], pb[kBlock], lb[kBlock], gxb[kBlock], gyb[kBlock];
       if (!wv.data) std::fill_n(wb, kBlock, acc_t(1));
       if (!pwv.data) std::fill_n(pb, kBlock, acc_t(1));
+      acc_t* gob = lb;  // backward does not need the loss buffer: it holds grad_out
       for (int64_t c = c0; c < c1; ++c) {
         acc_t part = 0;
         for_each_run(size, c * kElemChunk, std::min(numel, (c + 1) * kElemChunk),
@@ -119,19 +141,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_fwd(
           load_block(yv.at(idx), yv.stride[3], n, yb);
           if (wv.data) load_block(wv.at(idx), wv.stride[3], n, wb);
           if (pwv.data) load_block(pwv.at(idx), pwv.stride[3], n, pb);
-          block(n, xb, yb, wb, pb, scale, lb, gxb, gyb);
-          if (reduce) {
-            part += block_dot<acc_t>(lb, nullptr, n);
-          } else {
-            store_block(lb, n, lp + flat, 1);
+          block(n, xb, yb, wb, pb, lb, gxb, gyb);
+          if (want_loss) {
+            if (reduce) {
+              part += block_dot<acc_t>(lb, nullptr, n);
+            } else {
+              store_block(lb, n, lp + flat, 1);
+            }
           }
-          if (gxp) store_block(gxb, n, gxp + flat, 1);
-          if (gyp) store_block(gyb, n, gyp + flat, 1);
+          if (grads) {
+            load_block(gov.at(idx), gov.stride[3], n, gob);
+            scale_grads(n, scale, gob, gxb, gyb);
+            if (gxp) store_block(gxb, n, gxp + flat, 1);
+            if (gyp) store_block(gyb, n, gyp + flat, 1);
+          }
         });
-        if (reduce) partial[c] = part;
+        if (want_loss && reduce) partial[c] = part;
       }
     });
-    if (reduce) {
+    if (want_loss && reduce) {
       const acc_t total = pairwise_sum(partial.data(), chunks);
       // mean of nothing is NaN, as torch's
       *loss.data_ptr<acc_t>() = reduction == kReduceMean ? total / static_cast<acc_t>(numel) : total;

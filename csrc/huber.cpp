@@ -13,8 +13,8 @@ namespace fusedloss {
 namespace {
 
 template <typename T>
-inline void huber_impl(int64_t n, const T* x, const T* y, const T* w, T t, T k, T m, T scale,
-                       T* loss, T* gx, T* gy) {
+inline void huber_impl(int64_t n, const T* x, const T* y, const T* w, T t, T k, T m, T* loss,
+                       T* gx, T* gy) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const T d = x[i] - y[i];
@@ -22,45 +22,63 @@ inline void huber_impl(int64_t n, const T* x, const T* y, const T* w, T t, T k, 
     const bool quad = ad < t;
     const T sgn = d > 0 ? T(1) : (d < 0 ? T(-1) : d);  // 0 -> 0, NaN -> NaN
     loss[i] = w[i] * (quad ? T(0.5) * k * d * d : m * (ad - T(0.5) * t));
-    const T g = scale * w[i] * (quad ? k * d : m * sgn);
+    const T g = w[i] * (quad ? k * d : m * sgn);
     gx[i] = g;
     gy[i] = -g;
   }
 }
 FL_MULTIVERSION void huber_block(int64_t n, const float* x, const float* y, const float* w,
-                                 float t, float k, float m, float scale, float* loss, float* gx,
-                                 float* gy) {
-  huber_impl(n, x, y, w, t, k, m, scale, loss, gx, gy);
+                                 float t, float k, float m, float* loss, float* gx, float* gy) {
+  huber_impl(n, x, y, w, t, k, m, loss, gx, gy);
 }
 void huber_block(int64_t n, const double* x, const double* y, const double* w, double t, double k,
-                 double m, double scale, double* loss, double* gx, double* gy) {
-  huber_impl(n, x, y, w, t, k, m, scale, loss, gx, gy);
+                 double m, double* loss, double* gx, double* gy) {
+  huber_impl(n, x, y, w, t, k, m, loss, gx, gy);
 }
 
 struct Huber {
   double delta;
   bool smooth_l1;
   template <typename T>
-  void operator()(int64_t n, const T* x, const T* y, const T* w, const T* /*pw*/, T scale,
-                  T* loss, T* gx, T* gy) const {
+  void operator()(int64_t n, const T* x, const T* y, const T* w, const T* /*pw*/, T* loss,
+                  T* gx, T* gy) const {
     const T t = static_cast<T>(delta);
     const T k = !smooth_l1 ? T(1) : (delta > 0 ? T(1) / t : T(0));
     const T m = smooth_l1 ? T(1) : t;
-    huber_block(n, x, y, w, t, k, m, scale, loss, gx, gy);
+    huber_block(n, x, y, w, t, k, m, loss, gx, gy);
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_fwd(
-    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
-    double delta, bool smooth_l1, int64_t reduction, bool grad_input, bool grad_target) {
+void check_delta(double delta, bool smooth_l1) {
   TORCH_CHECK(smooth_l1 ? delta >= 0 : delta > 0,
-              "fusedloss::huber_fwd: delta must be > 0 (beta >= 0 for smooth_l1)");
-  return elementwise_fwd("fusedloss::huber_fwd", input, target, weight, c10::nullopt, reduction,
-                         grad_input, grad_target, Huber{delta, smooth_l1});
+              "fusedloss::huber: delta must be > 0 (beta >= 0 for smooth_l1)");
+}
+
+at::Tensor huber_fwd(const at::Tensor& input, const at::Tensor& target,
+                     const c10::optional<at::Tensor>& weight, double delta, bool smooth_l1,
+                     int64_t reduction) {
+  check_delta(delta, smooth_l1);
+  return std::get<0>(elementwise_run("fusedloss::huber_fwd", input, target, weight, c10::nullopt,
+                                     c10::nullopt, reduction, true, false, false,
+                                     Huber{delta, smooth_l1}));
+}
+
+std::tuple<at::Tensor, at::Tensor> huber_bwd(const at::Tensor& grad_out, const at::Tensor& input,
+                                             const at::Tensor& target,
+                                             const c10::optional<at::Tensor>& weight,
+                                             double delta, bool smooth_l1, int64_t reduction,
+                                             bool grad_input, bool grad_target) {
+  check_delta(delta, smooth_l1);
+  auto out = elementwise_run("fusedloss::huber_bwd", input, target, weight, c10::nullopt, grad_out,
+                             reduction, false, grad_input, grad_target, Huber{delta, smooth_l1});
+  return {std::get<1>(out), std::get<2>(out)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedloss, CPU, m) { m.impl("huber_fwd", &huber_fwd); }
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("huber_fwd", &huber_fwd);
+  m.impl("huber_bwd", &huber_bwd);
+}
 
 }  // namespace fusedloss

@@ -37,15 +37,23 @@ TORCH_LIBRARY(fusedloss, m) {
       "int ignore_index, float gamma, bool compute_grad) -> (Tensor loss, Tensor grad)");
   // Element-wise losses over broadcast operands (csrc/elementwise.h): input and target are 4-d
   // views of one shape and dtype, any strides (0 along broadcast dims); weight / pos_weight the
-  // same in the accumulation dtype. reduction 0/1/2 = none/mean/sum. loss: per element in the
-  // input dtype (contiguous), or the reduced 0-dim value in the acc dtype; grad_input /
-  // grad_target (contiguous, if asked for; else empty): d(loss_elem)/d(.) times 1/numel for mean.
+  // same in the accumulation dtype. reduction 0/1/2 = none/mean/sum.
+  // fwd: the loss, per element in the input dtype (contiguous) or the reduced 0-dim value in the
+  // acc dtype. bwd: grad_out (a 4-d view in the input dtype, e.g. an expanded scalar) times
+  // d(loss_elem)/d(input), d(loss_elem)/d(target), and 1/numel for mean (contiguous, or empty
+  // when not asked for).
   m.def(
-      "bce_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, int reduction, "
-      "bool grad_input, bool grad_target) -> (Tensor loss, Tensor grad_input, Tensor grad_target)");
+      "bce_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, int reduction) "
+      "-> Tensor");
+  m.def(
+      "bce_bwd(Tensor grad_out, Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+      "int reduction, bool grad_input, bool grad_target) -> (Tensor grad_input, Tensor grad_target)");
   // Huber (delta > 0) or, if smooth_l1, SmoothL1 with beta = delta >= 0 (0: L1).
   m.def(
       "huber_fwd(Tensor input, Tensor target, Tensor? weight, float delta, bool smooth_l1, "
-      "int reduction, bool grad_input, bool grad_target) "
-      "-> (Tensor loss, Tensor grad_input, Tensor grad_target)");
+      "int reduction) -> Tensor");
+  m.def(
+      "huber_bwd(Tensor grad_out, Tensor input, Tensor target, Tensor? weight, float delta, "
+      "bool smooth_l1, int reduction, bool grad_input, bool grad_target) "
+      "-> (Tensor grad_input, Tensor grad_target)");
 }

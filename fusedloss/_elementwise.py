@@ -4,20 +4,28 @@ choice, and the autograd Function.
 Operands are broadcast with expand (stride 0, no copy) and viewed as 4-d [D0, D1, D2, D3] after
 merging the dims that every operand can merge; the kernels (csrc/elementwise.h,
 kernels/_elementwise.py) read those strided views in place. Only a layout that still needs more
-than 4 dims is copied to contiguous memory first. The kernels return the loss (per element, or
-reduced in fp32) and, when needed, the gradients already scaled by 1/numel for mean; backward
-only multiplies by grad_output (and sums over broadcast dims).
+than 4 dims is copied to contiguous memory first. Forward returns the loss (per element, or
+reduced in fp32); backward re-reads the inputs and returns the gradients with grad_output and
+1/numel (for mean) folded in, in fp32 (then sums over broadcast dims).
 """
 import torch
 
-from . import _backend
+from . import _backend, reference
 from .reference import acc_dtype
 
 REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 
-# kind -> backend name ("op", "triton", "reference") -> fn(x, y, w, pw, params, reduction,
-# grad_input, grad_target) -> (loss, grad_input, grad_target); filled by bce.py / huber.py.
+# kind -> (fwd, bwd), filled by bce.py / huber.py, with backend = _backend.backend_for(x):
+#   fwd(backend, x, y, w, pw, params, reduction) -> loss
+#   bwd(backend, grad_out, x, y, w, pw, params, reduction, grad_input, grad_target) -> (gx, gy)
 IMPLS = {}
+
+
+def backend_impl(backend, triton_module, op):
+    """The callable for op ("bce_fwd", ...) on a backend; the three share names and signatures."""
+    if backend == "op":
+        return getattr(torch.ops.fusedloss, op)
+    return getattr(triton_module if backend == "triton" else reference, op)
 
 
 def view4(*tensors):
@@ -43,13 +51,17 @@ def view4(*tensors):
     return [None if t is None else next(views) for t in tensors]
 
 
-def fake_outputs(input, reduction, grad_input, grad_target):
-    """The outputs of an element-wise op, for register_fake."""
-    loss = (input.new_empty((), dtype=acc_dtype(input.dtype)) if reduction
-             else input.new_empty(input.shape))
-    gx = input.new_empty(input.shape if grad_input else (0,))
-    gy = input.new_empty(input.shape if grad_target else (0,))
-    return loss, gx, gy
+def fake_fwd(input, reduction):
+    """The forward op's output, for register_fake."""
+    if reduction:
+        return input.new_empty((), dtype=acc_dtype(input.dtype))
+    return input.new_empty(input.shape)
+
+
+def fake_bwd(input, grad_input, grad_target):
+    """The backward op's outputs, for register_fake."""
+    return (input.new_empty(input.shape if grad_input else (0,)),
+            input.new_empty(input.shape if grad_target else (0,)))
 
 
 def broadcast_shape(name_a, a, name_b, b):
@@ -66,6 +78,8 @@ class ElementwiseLoss(torch.autograd.Function):
     input and target broadcast (both get gradients, summed back to their shapes); weight and
     pos_weight broadcast to that shape and get none. The kernels run in the promoted dtype of
     input and target, with fp32 (fp64 for fp64) math; the loss is returned in out_dtype.
+    Forward writes only the loss; backward re-reads the inputs (views, nothing copied or kept
+    beyond them) and writes the gradients with grad_output and 1/numel folded in, in fp32.
     """
 
     @staticmethod
@@ -77,29 +91,33 @@ class ElementwiseLoss(torch.autograd.Function):
         y = target.to(dtype).expand(shape)
         w = None if weight is None else weight.to(acc).expand(shape)
         pw = None if pos_weight is None else pos_weight.to(acc).expand(shape)
-        need_gx, need_gy = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
         x4, y4, w4, pw4 = view4(x, y, w, pw)
-        impl = IMPLS[kind][_backend.backend_for(x4)]
-        loss, gx, gy = impl(x4, y4, w4, pw4, params, REDUCTION_CODE[reduction], need_gx, need_gy)
+        fwd, _ = IMPLS[kind]
+        loss = fwd(_backend.backend_for(x4), x4, y4, w4, pw4, params, REDUCTION_CODE[reduction])
         ctx.set_materialize_grads(False)
+        ctx.kind, ctx.params, ctx.reduction = kind, params, reduction
         ctx.shapes = (input.shape, target.shape)
-        ctx.save_for_backward(gx.view(shape) if need_gx else None,
-                              gy.view(shape) if need_gy else None)
+        ctx.save_for_backward(x, y, w, pw)
         out = loss.view(shape) if reduction == "none" else loss
         return out.to(out_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        if grad_out is None:
+        need_gx, need_gy = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        if grad_out is None or not (need_gx or need_gy):
             return (None,) * 8
+        x, y, w, pw = ctx.saved_tensors
+        # A full-shape grad_output for 'none', a 0-dim one (expanded: no copy) otherwise.
+        go = grad_out.to(x.dtype).expand(x.shape)
+        x4, y4, w4, pw4, go4 = view4(x, y, w, pw, go)
+        _, bwd = IMPLS[ctx.kind]
+        gx, gy = bwd(_backend.backend_for(x4), go4, x4, y4, w4, pw4, ctx.params,
+                     REDUCTION_CODE[ctx.reduction], need_gx, need_gy)
         grads = []
-        for g, shape in zip(ctx.saved_tensors, ctx.shapes):
-            if g is not None:
-                # In place on the saved buffer (full-shape grad_out for 'none', 0-dim otherwise);
-                # a second backward through the same graph then raises rather than rescaling.
-                g = g.mul_(grad_out)
-                if g.shape != shape:
-                    g = g.sum_to_size(shape)
-            grads.append(g)
+        for g, need, shape in ((gx, need_gx, ctx.shapes[0]), (gy, need_gy, ctx.shapes[1])):
+            if need:
+                g = g.view(x.shape)
+                g = g if g.shape == shape else g.sum_to_size(shape)
+            grads.append(g if need else None)
         return (None, None, None, None, grads[0], grads[1], None, None)

@@ -1,15 +1,16 @@
 """Weighted BCE-with-logits: a drop-in for torch.nn.functional.binary_cross_entropy_with_logits.
 
-One fused element-wise pass (csrc/bce.cpp on the CPU, kernels/bce.py on CUDA) yields the loss and
-the gradients for input (and target, when it requires grad) from e = exp(-|x|), so the tiny terms
-at |x| ~ 40 survive on both branches. weight and pos_weight are broadcast views (stride 0, never
+Fused element-wise kernels (csrc/bce.cpp on the CPU, kernels/bce.py on CUDA): forward reads input
+and target once and writes the loss (or fp32 partial sums); backward reads them once more and
+writes the gradients for input (and target, when it requires grad) with grad_output folded in.
+Everything is built from e = exp(-|x|), so the tiny terms at |x| ~ 40 survive on both branches. weight and pos_weight are broadcast views (stride 0, never
 copied to the input's size); they get no gradient, as in torch.
 """
 import torch
 
-from . import _backend, reference
+from . import _backend
 from ._common import check_same_device, check_tensor, resolve_reduction
-from ._elementwise import IMPLS, ElementwiseLoss, fake_outputs
+from ._elementwise import IMPLS, backend_impl, ElementwiseLoss, fake_bwd, fake_fwd
 
 if _backend.HAS_TRITON:
     from fusedloss.kernels import bce as _tk
@@ -19,18 +20,27 @@ else:
 if _backend.HAS_CPP:
 
     @torch.library.register_fake("fusedloss::bce_fwd")
-    def _bce_fwd_fake(input, target, weight, pos_weight, reduction, grad_input, grad_target):
-        return fake_outputs(input, reduction, grad_input, grad_target)
+    def _bce_fwd_fake(input, target, weight, pos_weight, reduction):
+        return fake_fwd(input, reduction)
+
+    @torch.library.register_fake("fusedloss::bce_bwd")
+    def _bce_bwd_fake(grad_out, input, target, weight, pos_weight, reduction, grad_input,
+                      grad_target):
+        return fake_bwd(input, grad_input, grad_target)
 
     if _tk is not None:
         _backend.register_triton("bce_fwd", _tk.bce_fwd)
+        _backend.register_triton("bce_bwd", _tk.bce_bwd)
 
-IMPLS["bce"] = {
-    "op": lambda x, y, w, pw, params, r, gx, gy: torch.ops.fusedloss.bce_fwd(x, y, w, pw, r, gx, gy),
-    "triton": None if _tk is None else (
-        lambda x, y, w, pw, params, r, gx, gy: _tk.bce_fwd(x, y, w, pw, r, gx, gy)),
-    "reference": lambda x, y, w, pw, params, r, gx, gy: reference.bce_fwd(x, y, w, pw, r, gx, gy),
-}
+
+def _impl(backend, op):
+    return backend_impl(backend, _tk, op)
+
+
+IMPLS["bce"] = (
+    lambda be, x, y, w, pw, p, r: _impl(be, "bce_fwd")(x, y, w, pw, r),
+    lambda be, go, x, y, w, pw, p, r, gi, gt: _impl(be, "bce_bwd")(go, x, y, w, pw, r, gi, gt),
+)
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,

@@ -1,16 +1,16 @@
 """Huber and SmoothL1: drop-ins for torch.nn.functional.huber_loss / smooth_l1_loss.
 
-One fused element-wise pass (csrc/huber.cpp on the CPU, kernels/huber.py on CUDA) over input and
-target broadcast as torch does, writing the loss and the gradients; delta, beta and 1/numel are
-applied in fp32. SmoothL1 with beta = 0 is exact L1 (sign(0) = 0, no NaN).
+Fused element-wise kernels (csrc/huber.cpp on the CPU, kernels/huber.py on CUDA) over input and
+target broadcast as torch does: forward writes the loss, backward the gradients for input and
+target; delta, beta, 1/numel and grad_output are applied in fp32. SmoothL1 with beta = 0 is exact L1 (sign(0) = 0, no NaN).
 """
 import warnings
 
 import torch
 
-from . import _backend, reference
+from . import _backend
 from ._common import check_same_device, check_tensor, reduce_loss, resolve_reduction
-from ._elementwise import IMPLS, ElementwiseLoss, broadcast_shape, fake_outputs
+from ._elementwise import IMPLS, backend_impl, ElementwiseLoss, broadcast_shape, fake_bwd, fake_fwd
 
 if _backend.HAS_TRITON:
     from fusedloss.kernels import huber as _tk
@@ -20,19 +20,27 @@ else:
 if _backend.HAS_CPP:
 
     @torch.library.register_fake("fusedloss::huber_fwd")
-    def _huber_fwd_fake(input, target, weight, delta, smooth_l1, reduction, grad_input,
+    def _huber_fwd_fake(input, target, weight, delta, smooth_l1, reduction):
+        return fake_fwd(input, reduction)
+
+    @torch.library.register_fake("fusedloss::huber_bwd")
+    def _huber_bwd_fake(grad_out, input, target, weight, delta, smooth_l1, reduction, grad_input,
                         grad_target):
-        return fake_outputs(input, reduction, grad_input, grad_target)
+        return fake_bwd(input, grad_input, grad_target)
 
     if _tk is not None:
         _backend.register_triton("huber_fwd", _tk.huber_fwd)
+        _backend.register_triton("huber_bwd", _tk.huber_bwd)
 
-IMPLS["huber"] = {
-    "op": lambda x, y, w, pw, p, r, gx, gy: torch.ops.fusedloss.huber_fwd(x, y, w, *p, r, gx, gy),
-    "triton": None if _tk is None else (
-        lambda x, y, w, pw, p, r, gx, gy: _tk.huber_fwd(x, y, w, *p, r, gx, gy)),
-    "reference": lambda x, y, w, pw, p, r, gx, gy: reference.huber_fwd(x, y, w, *p, r, gx, gy),
-}
+
+def _impl(backend, op):
+    return backend_impl(backend, _tk, op)
+
+
+IMPLS["huber"] = (
+    lambda be, x, y, w, pw, p, r: _impl(be, "huber_fwd")(x, y, w, *p, r),
+    lambda be, go, x, y, w, pw, p, r, gi, gt: _impl(be, "huber_bwd")(go, x, y, w, *p, r, gi, gt),
+)
 
 
 def _check(fn, input, target):

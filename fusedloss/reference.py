@@ -129,22 +129,22 @@ def softmax_focal_fwd(logits, target, alpha, grad_scale, ignore_index, gamma, co
     return loss, g.to(logits.dtype).contiguous()
 
 
-def _elementwise_result(input, loss, gx, gy, reduction, grad_input, grad_target):
-    """The element-wise ops' outputs (csrc/elementwise.h) from acc-dtype loss and gradients."""
+def _elementwise_result(input, loss, gx, gy, grad_out, reduction, grad_input, grad_target):
+    """The element-wise ops' outputs (csrc/elementwise.h) from acc-dtype loss and gradients:
+    forward (grad_out None) the loss; backward the gradients times grad_out (and 1/numel for
+    mean), in the acc dtype."""
     n = input.numel()
-    if reduction == 1:
-        gx, gy = gx * (1.0 / n), gy * (1.0 / n)
-    if reduction == 0:
-        out = loss.to(input.dtype).contiguous()
-    else:
-        out = loss.sum() / n if reduction == 1 else loss.sum()
+    if grad_out is None:
+        if reduction == 0:
+            return loss.to(input.dtype).contiguous()
+        return loss.sum() / n if reduction == 1 else loss.sum()
+    s = grad_out.to(loss.dtype) * (1.0 / n if reduction == 1 else 1.0)
     empty = input.new_empty(0)
-    return (out, gx.to(input.dtype).contiguous() if grad_input else empty,
-            gy.to(input.dtype).contiguous() if grad_target else empty)
+    return (((gx * s).to(input.dtype).contiguous() if grad_input else empty),
+            ((gy * s).to(input.dtype).contiguous() if grad_target else empty))
 
 
-def bce_fwd(input, target, weight, pos_weight, reduction, grad_input, grad_target):
-    """Reference for fusedloss::bce_fwd (operands of one shape, weights broadcast views)."""
+def _bce_terms(input, target, weight, pos_weight):
     acc = acc_dtype(input.dtype)
     x, y = input.to(acc), target.to(acc)
     w = 1.0 if weight is None else weight.to(acc)
@@ -157,11 +157,25 @@ def bce_fwd(input, target, weight, pos_weight, reduction, grad_input, grad_targe
     loss = w * (pw * y * sp_neg + (1 - y) * sp_pos)
     gx = w * ((1 - y) * sig_pos - pw * y * sig_neg)
     gy = w * (pw * sp_neg - sp_pos)
-    return _elementwise_result(input, loss, gx, gy, reduction, grad_input, grad_target)
+    return loss, gx, gy
 
 
-def huber_fwd(input, target, weight, delta, smooth_l1, reduction, grad_input, grad_target):
-    """Reference for fusedloss::huber_fwd: Huber(delta), or SmoothL1(beta=delta) (0: L1)."""
+def bce_fwd(input, target, weight, pos_weight, reduction):
+    """Reference for fusedloss::bce_fwd (operands of one shape, weights broadcast views)."""
+    loss, gx, gy = _bce_terms(input, target, weight, pos_weight)
+    return _elementwise_result(input, loss, gx, gy, None, reduction, False, False)
+
+
+def bce_bwd(grad_out, input, target, weight, pos_weight, reduction, grad_input, grad_target):
+    """Reference for fusedloss::bce_bwd."""
+    loss, gx, gy = _bce_terms(input, target, weight, pos_weight)
+    return _elementwise_result(input, loss, gx, gy, grad_out, reduction, grad_input, grad_target)
+
+
+def _huber_terms(input, target, weight, delta, smooth_l1):
+    """Huber(delta), or SmoothL1(beta=delta) (0: L1)."""
+    if not (delta >= 0 if smooth_l1 else delta > 0):
+        raise ValueError(f"delta must be > 0 (beta >= 0 for smooth_l1), got {delta}")
     acc = acc_dtype(input.dtype)
     w = 1.0 if weight is None else weight.to(acc)
     d = input.to(acc) - target.to(acc)
@@ -170,4 +184,17 @@ def huber_fwd(input, target, weight, delta, smooth_l1, reduction, grad_input, gr
     quad = d.abs() < delta
     loss = w * torch.where(quad, 0.5 * k * d * d, m * (d.abs() - 0.5 * delta))
     gx = w * torch.where(quad, k * d, m * torch.sign(d))
-    return _elementwise_result(input, loss, gx, -gx, reduction, grad_input, grad_target)
+    return loss, gx, -gx
+
+
+def huber_fwd(input, target, weight, delta, smooth_l1, reduction):
+    """Reference for fusedloss::huber_fwd."""
+    loss, gx, gy = _huber_terms(input, target, weight, delta, smooth_l1)
+    return _elementwise_result(input, loss, gx, gy, None, reduction, False, False)
+
+
+def huber_bwd(grad_out, input, target, weight, delta, smooth_l1, reduction, grad_input,
+              grad_target):
+    """Reference for fusedloss::huber_bwd."""
+    loss, gx, gy = _huber_terms(input, target, weight, delta, smooth_l1)
+    return _elementwise_result(input, loss, gx, gy, grad_out, reduction, grad_input, grad_target)

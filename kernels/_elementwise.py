@@ -2,8 +2,8 @@
 
 Same contract as csrc/elementwise.h: input and target are strided views of one [D0, D1, D2, D3]
 index space (stride 0 along broadcast dims), weights likewise in the accumulation dtype; each
-program handles BLOCK consecutive flat indices and writes the per-element loss or one fp32 partial
-sum, and the gradients (contiguous). Partials are summed by torch.sum: a fixed grid and a fixed
+program handles BLOCK consecutive flat indices and writes, in forward, the per-element loss or
+one fp32 partial sum and, in backward, the gradients (contiguous) times grad_out. Partials are summed by torch.sum: a fixed grid and a fixed
 reduction order, so the result is deterministic.
 """
 import torch
@@ -43,33 +43,42 @@ def load4(P, i0, i1, i2, i3, s0, s1, s2, s3, mask, ACC: tl.constexpr):
     return tl.load(P + i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3, mask=mask, other=0.0).to(ACC)
 
 
-def launch(kernel, x, y, w, pw, reduction, grad_input, grad_target, *params, **consts):
-    """Run `kernel` over 4-d x, y (w, pw: None or the same shape in the acc dtype).
+def launch(kernel, x, y, w, pw, go, reduction, want_loss, grad_input, grad_target, *params,
+           **consts):
+    """Run `kernel` over 4-d x, y (w, pw: None or the same shape in the acc dtype; go: None in
+    forward, grad_out as a 4-d view in x's dtype in backward).
 
-    Returns (loss, grad_input, grad_target) as the C++ op does: loss per element in x's dtype
-    (contiguous) or the reduced 0-dim value in the acc dtype; gradients contiguous or empty.
+    Returns (loss, grad_input, grad_target) as csrc/elementwise.h's elementwise_run: loss per
+    element in x's dtype (contiguous) or the reduced 0-dim value in the acc dtype; gradients
+    contiguous; whatever was not asked for is empty.
     """
     numel = x.numel()
     acc = acc_dtype(x.dtype)
     block, num_warps = elem_block(numel)
     grid = triton.cdiv(numel, block)
     reduce = reduction != 0
-    loss = (torch.empty(grid, dtype=acc, device=x.device) if reduce
-            else torch.empty(x.shape, dtype=x.dtype, device=x.device))
-    gx = torch.empty(x.shape if grad_input else (0,), dtype=x.dtype, device=x.device)
-    gy = torch.empty(x.shape if grad_target else (0,), dtype=x.dtype, device=x.device)
+    dev = x.device
+    if not want_loss:
+        loss = torch.empty(0, dtype=x.dtype, device=dev)
+    elif reduce:
+        loss = torch.empty(grid, dtype=acc, device=dev)  # one partial sum per program
+    else:
+        loss = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    gx = torch.empty(x.shape if grad_input else (0,), dtype=x.dtype, device=dev)
+    gy = torch.empty(x.shape if grad_target else (0,), dtype=x.dtype, device=dev)
     if numel > 0:
         zeros = (0, 0, 0, 0)
         kernel[(grid,)](
-            x, y, x if w is None else w, x if pw is None else pw, loss, gx, gy,
-            numel, x.shape[1], x.shape[2], x.shape[3],
+            x, y, x if w is None else w, x if pw is None else pw, x if go is None else go,
+            loss, gx, gy, numel, x.shape[1], x.shape[2], x.shape[3],
             *x.stride(), *y.stride(), *(zeros if w is None else w.stride()),
-            *(zeros if pw is None else pw.stride()), *params,
+            *(zeros if pw is None else pw.stride()), *(zeros if go is None else go.stride()),
+            *params,
             HAS_W=w is not None, HAS_PW=pw is not None, REDUCTION=reduction,
-            GRAD_X=grad_input, GRAD_Y=grad_target, ACC=tl_acc(x.dtype), BLOCK=block,
-            num_warps=num_warps, **consts,
+            COMPUTE_LOSS=want_loss, GRAD_X=grad_input, GRAD_Y=grad_target, ACC=tl_acc(x.dtype),
+            BLOCK=block, num_warps=num_warps, **consts,
         )
-    if reduce:
+    if want_loss and reduce:
         loss = loss.sum()  # 0 partials: 0, and mean of nothing is NaN below, as torch's
         if reduction == 1:
             loss = loss / numel
@@ -77,19 +86,21 @@ def launch(kernel, x, y, w, pw, reduction, grad_input, grad_target, *params, **c
 
 
 @triton.jit
-def finish(LOSS, GX, GY, pid, idx, mask, loss, gx, gy, numel, REDUCTION: tl.constexpr,
-           GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr, ACC: tl.constexpr):
-    """Store the loss (or this block's partial sum) and the gradients, times 1/numel (in the acc
-    dtype) for mean."""
-    if REDUCTION == 0:
-        tl.store(LOSS + idx, loss.to(LOSS.dtype.element_ty), mask=mask)
-    else:
-        tl.store(LOSS + pid, tl.sum(tl.where(mask, loss, 0.0), 0))
-    if REDUCTION == 1:
-        scale = tl.full((), 1.0, ACC) / numel
-        gx = gx * scale
-        gy = gy * scale
-    if GRAD_X:
-        tl.store(GX + idx, gx.to(GX.dtype.element_ty), mask=mask)
-    if GRAD_Y:
-        tl.store(GY + idx, gy.to(GY.dtype.element_ty), mask=mask)
+def finish(LOSS, GX, GY, GO, pid, idx, i0, i1, i2, i3, sg0, sg1, sg2, sg3, mask, loss, gx, gy,
+           numel, REDUCTION: tl.constexpr, COMPUTE_LOSS: tl.constexpr, GRAD_X: tl.constexpr,
+           GRAD_Y: tl.constexpr, ACC: tl.constexpr):
+    """Forward: store the loss (or this block's partial sum). Backward: store the gradients times
+    grad_out and, for mean, 1/numel, multiplied in the acc dtype."""
+    if COMPUTE_LOSS:
+        if REDUCTION == 0:
+            tl.store(LOSS + idx, loss.to(LOSS.dtype.element_ty), mask=mask)
+        else:
+            tl.store(LOSS + pid, tl.sum(tl.where(mask, loss, 0.0), 0))
+    if GRAD_X or GRAD_Y:
+        s = load4(GO, i0, i1, i2, i3, sg0, sg1, sg2, sg3, mask, ACC)
+        if REDUCTION == 1:
+            s = s * (tl.full((), 1.0, ACC) / numel)
+        if GRAD_X:
+            tl.store(GX + idx, (gx * s).to(GX.dtype.element_ty), mask=mask)
+        if GRAD_Y:
+            tl.store(GY + idx, (gy * s).to(GY.dtype.element_ty), mask=mask)

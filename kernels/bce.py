@@ -1,6 +1,7 @@
 """Weighted BCE-with-logits, element-wise over broadcast operands (kernels/_elementwise.py).
 
-Same contract and formulas as csrc/bce.cpp, from e = exp(-|x|):
+Same contract and formulas as csrc/bce.cpp; one kernel serves forward (COMPUTE_LOSS) and backward
+(GRAD_X / GRAD_Y, times grad_out). From e = exp(-|x|):
   softplus(+-x) = max(+-x, 0) + log1p(e);  sigmoid(x), sigmoid(-x) = 1/(1+e), e/(1+e) (by sign)
   L     = w (pw y softplus(-x) + (1-y) softplus(x))
   dL/dx = w ((1-y) sigmoid(x) - pw y sigmoid(-x))      (sigmoid(-x) never as 1 - sigmoid(x))
@@ -14,11 +15,13 @@ from ._elementwise import coords4, finish, launch, load4
 
 
 @triton.jit
-def _bce_fwd_kernel(
-    X, Y, W, PW, LOSS, GX, GY, numel, D1, D2, D3,
+def _bce_kernel(
+    X, Y, W, PW, GO, LOSS, GX, GY, numel, D1, D2, D3,
     sx0, sx1, sx2, sx3, sy0, sy1, sy2, sy3, sw0, sw1, sw2, sw3, sp0, sp1, sp2, sp3,
-    HAS_W: tl.constexpr, HAS_PW: tl.constexpr, REDUCTION: tl.constexpr, GRAD_X: tl.constexpr,
-    GRAD_Y: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    sg0, sg1, sg2, sg3,
+    HAS_W: tl.constexpr, HAS_PW: tl.constexpr, REDUCTION: tl.constexpr,
+    COMPUTE_LOSS: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
@@ -40,10 +43,17 @@ def _bce_fwd_kernel(
     loss = w * (a * sp_neg + b * sp_pos)
     gx = w * (b * sig_pos - a * sig_neg)
     gy = w * (pw * sp_neg - sp_pos)
-    finish(LOSS, GX, GY, pid, idx, mask, loss, gx, gy, numel, REDUCTION, GRAD_X, GRAD_Y, ACC)
+    finish(LOSS, GX, GY, GO, pid, idx, i0, i1, i2, i3, sg0, sg1, sg2, sg3, mask, loss, gx,
+           gy, numel, REDUCTION, COMPUTE_LOSS, GRAD_X, GRAD_Y, ACC)
 
 
-def bce_fwd(input, target, weight, pos_weight, reduction, grad_input, grad_target):
+def bce_fwd(input, target, weight, pos_weight, reduction):
     """Launch on 4-d views; same contract as torch.ops.fusedloss.bce_fwd."""
-    return launch(_bce_fwd_kernel, input, target, weight, pos_weight, reduction, grad_input,
-                  grad_target)
+    return launch(_bce_kernel, input, target, weight, pos_weight, None, reduction, True, False,
+                  False)[0]
+
+
+def bce_bwd(grad_out, input, target, weight, pos_weight, reduction, grad_input, grad_target):
+    """Launch on 4-d views; same contract as torch.ops.fusedloss.bce_bwd."""
+    return launch(_bce_kernel, input, target, weight, pos_weight, grad_out, reduction, False,
+                  grad_input, grad_target)[1:]

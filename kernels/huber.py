@@ -1,6 +1,7 @@
 """Huber / SmoothL1, element-wise over broadcast operands (kernels/_elementwise.py).
 
-Same contract and formula as csrc/huber.cpp, in d = x - y with threshold t = delta:
+Same contract and formula as csrc/huber.cpp (one kernel for forward and backward, as in
+kernels/bce.py), in d = x - y with threshold t = delta:
   L     = w (|d| < t ? k d^2 / 2 : m (|d| - t/2))
   dL/dx = w (|d| < t ? k d : m sign(d)),  dL/dy = -dL/dx,  sign(0) = 0
 Huber: k = 1, m = delta. SmoothL1 (beta = delta): k = 1/beta (0 at beta = 0, whose quadratic
@@ -13,13 +14,15 @@ from ._elementwise import coords4, finish, launch, load4, split_float
 
 
 @triton.jit
-def _huber_fwd_kernel(
-    X, Y, W, PW, LOSS, GX, GY, numel, D1, D2, D3,
+def _huber_kernel(
+    X, Y, W, PW, GO, LOSS, GX, GY, numel, D1, D2, D3,
     sx0, sx1, sx2, sx3, sy0, sy1, sy2, sy3, sw0, sw1, sw2, sw3, sp0, sp1, sp2, sp3,
+    sg0, sg1, sg2, sg3,
     delta_hi, delta_lo,
     SMOOTH_L1: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_PW: tl.constexpr, REDUCTION: tl.constexpr, GRAD_X: tl.constexpr,
-    GRAD_Y: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_PW: tl.constexpr, REDUCTION: tl.constexpr,
+    COMPUTE_LOSS: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
@@ -41,12 +44,25 @@ def _huber_fwd_kernel(
     sgn = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d))  # 0 -> 0, NaN -> NaN
     loss = w * tl.where(quad, 0.5 * k * d * d, m * (ad - 0.5 * t))
     gx = w * tl.where(quad, k * d, m * sgn)
-    finish(LOSS, GX, GY, pid, idx, mask, loss, gx, -gx, numel, REDUCTION, GRAD_X, GRAD_Y, ACC)
+    finish(LOSS, GX, GY, GO, pid, idx, i0, i1, i2, i3, sg0, sg1, sg2, sg3, mask, loss, gx,
+           -gx, numel, REDUCTION, COMPUTE_LOSS, GRAD_X, GRAD_Y, ACC)
 
 
-def huber_fwd(input, target, weight, delta, smooth_l1, reduction, grad_input, grad_target):
-    """Launch on 4-d views; same contract as torch.ops.fusedloss.huber_fwd."""
+def _check_delta(delta, smooth_l1):
     if not (delta >= 0 if smooth_l1 else delta > 0):
         raise ValueError(f"delta must be > 0 (beta >= 0 for smooth_l1), got {delta}")
-    return launch(_huber_fwd_kernel, input, target, weight, None, reduction, grad_input,
-                  grad_target, *split_float(delta), SMOOTH_L1=smooth_l1)
+
+
+def huber_fwd(input, target, weight, delta, smooth_l1, reduction):
+    """Launch on 4-d views; same contract as torch.ops.fusedloss.huber_fwd."""
+    _check_delta(delta, smooth_l1)
+    return launch(_huber_kernel, input, target, weight, None, None, reduction, True, False, False,
+                  *split_float(delta), SMOOTH_L1=smooth_l1)[0]
+
+
+def huber_bwd(grad_out, input, target, weight, delta, smooth_l1, reduction, grad_input,
+              grad_target):
+    """Launch on 4-d views; same contract as torch.ops.fusedloss.huber_bwd."""
+    _check_delta(delta, smooth_l1)
+    return launch(_huber_kernel, input, target, weight, None, grad_out, reduction, False,
+                  grad_input, grad_target, *split_float(delta), SMOOTH_L1=smooth_l1)[1:]
