@@ -235,6 +235,29 @@ def check_compile(world):
     close(x.grad, ref_x.grad[:, start:start + widths[rank]], ATOL[torch.float32])
 
 
+def check_ddp(world):
+    """The ordinary losses under DistributedDataParallel (the README's claim): same gradients as
+    torch.nn.CrossEntropyLoss under DDP, each rank with its own batch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    gen = torch.Generator().manual_seed(10 + dist.get_rank())  # each rank its own batch
+    x = torch.randn(8, 6, generator=gen)
+    y = torch.randint(0, 5, (8,), generator=gen)
+    y[:dist.get_rank() + 1] = -100  # uneven ignored counts across ranks
+    grads = []
+    for loss_fn in (fusedloss.CrossEntropyLoss(label_smoothing=0.1),
+                    torch.nn.CrossEntropyLoss(label_smoothing=0.1)):
+        torch.manual_seed(0)
+        model = DDP(torch.nn.Linear(6, 5))
+        loss_fn(model(x), y).backward()
+        grads.append(torch.cat([p.grad.view(-1) for p in model.parameters()]))
+    close(grads[0], grads[1].double(), ATOL[torch.float32])
+    every = [torch.empty_like(grads[0]) for _ in range(world)]
+    dist.all_gather(every, grads[0])
+    for g in every:  # the batches differ, the averaged gradients do not
+        torch.testing.assert_close(g, grads[0])
+
+
 def _worker(rank, world, init_method):
     torch.set_num_threads(1)  # world processes share few cores: spinning OpenMP threads stall them
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
@@ -248,6 +271,7 @@ def _worker(rank, world, init_method):
         check_errors(world)
         check_subgroup(world)
         check_dtensor(world)
+        check_ddp(world)
         if world == 2:  # compiling takes seconds: one world size is enough
             check_compile(world)
     finally:
