@@ -127,7 +127,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if width == 0:
             return torch.zeros_like(x), None, None, None, None, None, None, None
         x2 = x.reshape(n, width)
-        row = (grad_out.reshape(-1) if ctx.reduction == "none" else grad_out.expand(n)).to(lse.dtype)
+        row = grad_out.reshape(-1) if ctx.reduction == "none" else grad_out.expand(n)
+        row = row.to(lse.dtype)
         if scale is not None:
             row = row * scale
         # where, not a product: ignored rows get 0 even when scale is inf (all rows ignored).
@@ -186,8 +187,8 @@ def vocab_parallel_cross_entropy(logits_shard, target, process_group=None, vocab
     if DTensor is not None and isinstance(logits_shard, DTensor):
         mesh, placements = logits_shard.device_mesh, logits_shard.placements
         if mesh.ndim != 1 or not placements[0].is_shard(logits_shard.dim() - 1):
-            raise ValueError(f"logits_shard as a DTensor must be sharded on its last dimension over "
-                             f"a 1-D mesh, got placements {placements} on a {mesh.ndim}-D mesh")
+            raise ValueError(f"logits_shard as a DTensor must be sharded on its last dimension "
+                             f"over a 1-D mesh, got {placements} on a {mesh.ndim}-D mesh")
         if process_group is not None or vocab_start_index is not None:
             raise ValueError("process_group and vocab_start_index come from the DTensor's mesh; "
                              "leave them None")
@@ -201,7 +202,7 @@ def vocab_parallel_cross_entropy(logits_shard, target, process_group=None, vocab
     check_tensor("logits_shard", logits_shard)
     check_tensor("target", target, floating=False)
     if logits_shard.dim() == 0:
-        raise ValueError("logits_shard must have shape (..., V_r) with the vocab last; got a scalar")
+        raise ValueError("logits_shard must have shape (..., V_r), the vocab last; got a scalar")
     if target.dtype not in (torch.int64, torch.uint8):
         raise TypeError(f"target must hold int64 (or uint8) class indices, got {target.dtype}")
     if target.shape != logits_shard.shape[:-1]:
