@@ -1,0 +1,259 @@
+"""Huber and SmoothL1: parity with torch.nn.functional.huber_loss / smooth_l1_loss in float64,
+gradients for input and target, on every backend."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import fusedloss
+from fusedloss._elementwise import view4
+from fusedloss.functional import huber_loss, smooth_l1_loss
+
+ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+SHAPES = [(), (7,), (5, 6), (2, 3, 4, 5)]
+
+
+def make(shape, dtype, device, yshape=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(device=device, dtype=dtype)
+    y = torch.randn(shape if yshape is None else yshape, generator=g, dtype=torch.float64)
+    return x, y.to(device=device, dtype=dtype)
+
+
+def check(fn, torch_fn, x, y, grad_out=None, atol=None, **kw):
+    """Loss and input/target gradients of fn vs torch_fn in float64 on the same values."""
+    atol = ATOL[x.dtype] if atol is None else atol
+    xa, ya = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    xr, yr = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    kw64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # both warn alike when shapes differ
+        out = fn(xa, ya, **kw)
+        ref = torch_fn(xr, yr, **kw64)
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+    torch.testing.assert_close(out.double(), ref.detach(), atol=atol * scale, rtol=atol)
+    go = torch.randn_like(ref) if grad_out is None else grad_out.double()
+    gr = torch.autograd.grad(ref, (xr, yr), go)
+    g = torch.autograd.grad(out, (xa, ya), go.to(out.dtype))
+    for a, b in zip(g, gr):
+        assert a.dtype == x.dtype and a.shape == b.shape
+        gscale = max(b.abs().max().item(), 1e-30) if b.numel() else 1.0
+        torch.testing.assert_close(a.double(), b, atol=atol * gscale, rtol=atol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_shapes_dtypes(backend, shape, dtype, reduction):
+    x, y = make(shape, dtype, backend.device)
+    check(huber_loss, F.huber_loss, x, y, reduction=reduction, delta=0.7)
+    check(smooth_l1_loss, F.smooth_l1_loss, x, y, reduction=reduction, beta=0.7)
+
+
+@pytest.mark.parametrize("delta", [0.05, 1.0, 2.5, 1e3])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_delta_beta(backend, delta, reduction):
+    x, y = make((6, 7), torch.float32, backend.device)
+    check(huber_loss, F.huber_loss, x, y, reduction=reduction, delta=delta)
+    check(smooth_l1_loss, F.smooth_l1_loss, x, y, reduction=reduction, beta=delta)
+    check(smooth_l1_loss, F.smooth_l1_loss, x, y, reduction=reduction, beta=0.0)  # L1
+
+
+@pytest.mark.parametrize("xshape,yshape", [((5, 1), (5,)), ((), (3, 4)), ((3, 4), ()),
+                                           ((2, 1, 4, 1), (3, 1, 5)), ((4,), (2, 3, 4))])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_broadcast(backend, xshape, yshape, reduction):
+    """Input and target broadcast as torch's (with its warning); gradients summed back."""
+    x, _ = make(xshape, torch.float32, backend.device)
+    _, y = make(yshape, torch.float32, backend.device, seed=1)
+    check(huber_loss, F.huber_loss, x, y, reduction=reduction, delta=1.3)
+    check(smooth_l1_loss, F.smooth_l1_loss, x, y, reduction=reduction, beta=0.4)
+    with pytest.warns(UserWarning, match="target size"):
+        huber_loss(x, y)
+
+
+def test_non_contiguous(backend):
+    x, y = make((6, 8), torch.float32, backend.device)
+    check(huber_loss, F.huber_loss, x.t(), y.t(), delta=0.5)
+    check(smooth_l1_loss, F.smooth_l1_loss, x[:, ::2], y[1:2, ::2], reduction="sum")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_grad_output(backend, reduction):
+    x, y = make((3, 4), torch.float32, backend.device)
+    go = torch.randn(3, 4) if reduction == "none" else torch.tensor(-2.5)
+    check(huber_loss, F.huber_loss, x, y, grad_out=go.to(backend.device), reduction=reduction)
+    check(smooth_l1_loss, F.smooth_l1_loss, x, y, grad_out=go.to(backend.device),
+          reduction=reduction, beta=0.0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_weighted_huber(backend, reduction, weight_grad):
+    """torch's huber_loss(weight=...): weight of the input's shape, mean over all elements."""
+    x, y = make((4, 5), torch.float32, backend.device)
+    w = torch.rand(4, 5, dtype=torch.float64, device=backend.device)
+    wa = w.float().requires_grad_(weight_grad)
+    wr = w.clone().requires_grad_(weight_grad)
+    xa, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    out = huber_loss(xa, y, reduction=reduction, delta=0.8, weight=wa)
+    ref = F.huber_loss(xr, y.double(), reduction=reduction, delta=0.8, weight=wr)
+    torch.testing.assert_close(out.double(), ref.detach(), atol=1e-6, rtol=1e-6)
+    go = torch.randn_like(ref)
+    inputs = (xa, wa) if weight_grad else (xa,)
+    ref_inputs = (xr, wr) if weight_grad else (xr,)
+    for a, b in zip(torch.autograd.grad(out, inputs, go.float()),
+                    torch.autograd.grad(ref, ref_inputs, go)):
+        torch.testing.assert_close(a.double(), b, atol=1e-6, rtol=1e-6)
+
+
+def test_beta_zero_identical(backend):
+    """beta = 0 is exact L1: at input == target the loss and both gradients are 0, never NaN."""
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        x = torch.tensor([0.0, -1.5, 2.0, 3.0], device=backend.device, dtype=dtype)
+        xa, ya = x.clone().requires_grad_(), x.clone().requires_grad_()
+        for reduction in ("none", "mean", "sum"):
+            out = smooth_l1_loss(xa, ya, reduction=reduction, beta=0.0)
+            gx, gy = torch.autograd.grad(out.sum(), (xa, ya))
+            assert (out == 0).all() and (gx == 0).all() and (gy == 0).all()
+        # and it is L1 away from 0: gradients +-1 (times 1/numel for mean), exactly
+        y = x + torch.tensor([0.5, -0.25, 0.0, 1.0], device=backend.device, dtype=dtype)
+        (gx,) = torch.autograd.grad(smooth_l1_loss(xa, y, reduction="sum", beta=0.0), xa)
+        assert gx.tolist() == [-1.0, 1.0, 0.0, -1.0]
+
+
+def test_fp16_mean_2_24(backend):
+    """An fp16 mean over 2^24 elements keeps a non-zero gradient: 1/numel, delta and grad_output
+    are applied in fp32 before the one rounding to fp16. With a loss scale (grad_output 1024) the
+    small gradients keep their digits (torch's fp16 kernel multiplies 1/numel into x first, in
+    fp16, and gets 0 for |d| < 0.5)."""
+    n = 1 << 24
+    dev = backend.device
+    pattern = torch.tensor([1.5, -0.75, 0.3, -3.0], dtype=torch.float64)  # d = x - y
+    d = pattern.repeat(n // 4)
+    y = torch.zeros(n, dtype=torch.float16, device=dev)
+    x = d.to(torch.float16).to(dev).requires_grad_()
+    loss = huber_loss(x, y)
+    exact = torch.where(d.abs() < 1, 0.5 * d * d, d.abs() - 0.5).mean()
+    assert loss.dtype == torch.float16
+    torch.testing.assert_close(loss.double().cpu(), exact, atol=0, rtol=1e-3)
+    for scale in (1.0, 1024.0):
+        (g,) = torch.autograd.grad(loss * scale, x, retain_graph=True)
+        want = (d.clamp(-1, 1) * (scale / n)).to(torch.float16)  # fp64 value, rounded once
+        assert torch.equal(g[:4].cpu(), want[:4]) and torch.equal(g.cpu(), want)
+        # unscaled, |grad| = |clamp(d)| 2^-24 rounds to 2^-24 for |d| > 0.5 and to 0 for d = 0.3
+        assert (g[:4] != 0).sum() == (3 if scale == 1.0 else 4)
+
+
+@pytest.mark.parametrize("fn", ["huber", "smooth_l1", "l1"])
+def test_gradcheck(backend, fn):
+    x, _ = make((2, 3, 2), torch.float64, backend.device)
+    _, y = make((3, 1), torch.float64, backend.device, seed=1)
+    x.requires_grad_()
+    y.requires_grad_()
+    f = {"huber": lambda a, b, r: huber_loss(a, b, reduction=r, delta=0.9),
+         "smooth_l1": lambda a, b, r: smooth_l1_loss(a, b, reduction=r, beta=0.6),
+         "l1": lambda a, b, r: smooth_l1_loss(a, b, reduction=r, beta=0.0)}[fn]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for r in ("none", "mean", "sum"):
+            assert torch.autograd.gradcheck(lambda a, b: f(a, b, r), (x, y))
+
+
+def test_empty(backend):
+    x = torch.empty(0, 3, device=backend.device, requires_grad=True)
+    y = torch.empty(0, 3, device=backend.device)
+    assert huber_loss(x, y).isnan()
+    assert smooth_l1_loss(x, y, reduction="sum").item() == 0.0
+    assert huber_loss(x, y, reduction="none").shape == (0, 3)
+    (g,) = torch.autograd.grad(huber_loss(x, y, reduction="sum"), x)
+    assert g.shape == (0, 3)
+
+
+def test_retain_graph(backend):
+    x, y = make((4, 5), torch.float32, backend.device)
+    x.requires_grad_()
+    loss = huber_loss(x, y)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("xd,yd", [(torch.float16, torch.float32), (torch.float32, torch.float16),
+                                   (torch.float32, torch.float64), (torch.float16, torch.bfloat16)])
+def test_mixed_dtypes(backend, xd, yd):
+    x, y = make((4, 3), torch.float64, backend.device)
+    x, y = x.to(xd), y.to(yd)
+    for ours, theirs in ((huber_loss, F.huber_loss), (smooth_l1_loss, F.smooth_l1_loss)):
+        out = ours(x, y)
+        assert out.dtype == theirs(x, y).dtype
+        torch.testing.assert_close(out.double(), theirs(x.double(), y.double()), atol=1e-2,
+                                   rtol=1e-2)
+
+
+@pytest.mark.parametrize("fn,kwargs,exc,match", [
+    ("huber", dict(delta=0.0), ValueError, "delta"),
+    ("huber", dict(delta=-1.0), ValueError, "delta"),
+    ("huber", dict(delta=float("nan")), ValueError, "delta"),
+    ("smooth_l1", dict(beta=-0.5), ValueError, "beta"),
+    ("huber", dict(target=torch.randn(3, 5)), ValueError, "target"),
+    ("smooth_l1", dict(target=torch.randn(2, 4)), ValueError, "target"),
+    ("huber", dict(reduction="avg"), ValueError, "reduction"),
+    ("smooth_l1", dict(target=torch.ones(3, 4, dtype=torch.long)), TypeError, "target"),
+    ("huber", dict(input=torch.ones(3, 4, dtype=torch.long)), TypeError, "input"),
+    ("huber", dict(weight=torch.rand(4)), ValueError, "weight"),
+])
+def test_bad_input(backend, fn, kwargs, exc, match):
+    args = dict(input=torch.randn(3, 4), target=torch.randn(3, 4))
+    args.update(kwargs)
+    args = {k: v.to(backend.device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(exc, match=match):
+        (huber_loss if fn == "huber" else smooth_l1_loss)(**args)
+
+
+def test_modules_match_torch():
+    x, y = make((4, 3, 2), torch.float32, "cpu")
+    pairs = [(fusedloss.HuberLoss(reduction="sum", delta=0.3), torch.nn.HuberLoss("sum", 0.3)),
+             (fusedloss.SmoothL1Loss(beta=0.0), torch.nn.SmoothL1Loss(beta=0.0)),
+             (fusedloss.SmoothL1Loss(reduction="none", beta=2.0),
+              torch.nn.SmoothL1Loss(reduction="none", beta=2.0))]
+    for ours, theirs in pairs:
+        torch.testing.assert_close(ours(x, y), theirs(x, y))
+    assert "delta=0.3" in repr(pairs[0][0]) and "beta=0.0" in repr(pairs[1][0])
+    assert fusedloss.SmoothL1Loss(reduce=False).reduction == "none"
+
+
+def test_opcheck():
+    x, y = make((2, 3, 4, 5), torch.float32, "cpu")
+    w = torch.rand(3, 1, 1).expand(2, 3, 4, 5)
+    for xx, yy, ww in [(x, y, None), (x, y[:, :1].expand(x.shape), w),
+                       (x.bfloat16(), y.bfloat16(), None), (x.transpose(1, 3), y.transpose(1, 3), None)]:
+        go = torch.randn(xx.shape).to(xx.dtype)
+        for delta, sl1 in [(0.7, False), (0.7, True), (0.0, True)]:
+            for red in (0, 1, 2):
+                opcheck(torch.ops.fusedloss.huber_fwd.default, (*view4(xx, yy, ww), delta, sl1, red))
+                g = go if red == 0 else go[0, 0, 0, 0].expand(go.shape)
+                opcheck(torch.ops.fusedloss.huber_bwd.default,
+                        (*view4(g, xx, yy, ww), delta, sl1, red, True, red == 2))
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(8, 6)
+    huber = fusedloss.HuberLoss(delta=0.5)
+    sl1 = fusedloss.SmoothL1Loss(beta=0.0, reduction="sum")
+
+    def step(h, t):
+        p = lin(h)
+        return huber(p, t) + sl1(p, t)
+
+    h, t = torch.randn(16, 8), torch.randn(16, 6)
+    (g_eager,) = torch.autograd.grad(step(h, t), lin.weight)
+    compiled = torch.compile(step, fullgraph=True)
+    out = compiled(h, t)
+    (g,) = torch.autograd.grad(out, lin.weight)
+    torch.testing.assert_close(out, step(h, t))
+    torch.testing.assert_close(g, g_eager)
