@@ -5,8 +5,8 @@ backward on those inputs), then calls `run`. Results: a markdown table on stdout
 bench/results/results.csv (with device, versions and date) and a JSON file per loss.
 
 Timing: triton.testing.do_bench (median, 20th/80th percentiles) on CUDA; torch.utils.benchmark on
-the CPU. Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the process's peak RSS
-(VmHWM, reset through /proc/self/clear_refs) above its level before the call.
+the CPU. Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the peak RSS (VmHWM, reset
+through /proc/self/clear_refs) above its level before the call, in a fresh process per row.
 """
 import argparse
 import csv
@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 
 import torch
@@ -56,7 +57,7 @@ def _fix_mmap_threshold() -> None:
     """CPU peak memory is read from the process RSS; glibc would keep freed blocks of up to 32 MiB
     resident (its dynamic mmap threshold), hiding them. A fixed threshold returns every large block
     to the OS on free, so RSS follows the live tensors. It also adds page faults to every large
-    allocation, so it is set only after all timings are taken."""
+    allocation, so it is set only in the processes that measure memory, never while timing."""
     try:
         import ctypes
 
@@ -66,6 +67,24 @@ def _fix_mmap_threshold() -> None:
         libc.malloc_trim(0)  # give back what the timing phase left in the heap
     except (OSError, AttributeError):
         pass
+
+
+_CHILD = "FUSEDLOSS_BENCH_MEMORY"
+if os.environ.get(_CHILD):
+    _fix_mmap_threshold()  # before anything is allocated
+
+
+def _peak_in_child(case: str, provider: str) -> float:
+    """CPU peak memory of one (case, provider), measured in a fresh process running this same
+    script: RSS-based figures in a process that already ran other providers depend on what the
+    allocator kept from them."""
+    env = dict(os.environ, **{_CHILD: f"{case}\t{provider}"})
+    out = subprocess.run([sys.executable] + sys.argv, env=env, capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("PEAK_MB "):
+            return float(line.split()[1])
+    print(f"peak memory of {case} / {provider} not measured: {out.stderr[-500:]}", file=sys.stderr)
+    return float("nan")
 
 
 def peak_memory_mb(fn, device) -> float:
@@ -126,9 +145,18 @@ def run(loss: str, cases, providers: dict, nbytes, args) -> list:
     providers: name -> fn(inputs) running forward + backward; nbytes(inputs) -> bytes moved by an
     ideal fused pass (for GB/s). A provider that raises is reported as failed, not timed."""
     device = torch.device(args.device)
+    makers = dict(cases)
+    child = os.environ.get(_CHILD)
+    if child:  # a fresh process measuring one CPU peak (see _peak_in_child)
+        case, name = child.split("\t")
+        inputs = makers[case]()
+        fn = lambda: providers[name](inputs)  # noqa: E731
+        fn()
+        print(f"PEAK_MB {peak_memory_mb(fn, device)}")
+        return []
     names = list(providers) if not args.providers else args.providers.split(",")
     rows = []
-    # Phase 1 times every (case, provider); phase 2 measures peak memory (see _fix_mmap_threshold).
+    # Phase 1 times every (case, provider); phase 2 measures peak memory.
     for case, make in cases:
         for name in names:
             inputs = make()
@@ -147,16 +175,16 @@ def run(loss: str, cases, providers: dict, nbytes, args) -> list:
                              **versions()))
             del inputs
             gc.collect()
-    if device.type == "cpu":
-        _fix_mmap_threshold()
-    makers = dict(cases)
     for r in rows:
-        inputs = makers[r["case"]]()
-        fn = lambda: providers[r["provider"]](inputs)  # noqa: E731
-        fn()
-        r["peak_mb"] = peak_memory_mb(fn, device)
-        del inputs
-        gc.collect()
+        if device.type == "cpu":
+            r["peak_mb"] = _peak_in_child(r["case"], r["provider"])
+        else:
+            inputs = makers[r["case"]]()
+            fn = lambda: providers[r["provider"]](inputs)  # noqa: E731
+            fn()
+            r["peak_mb"] = peak_memory_mb(fn, device)
+            del inputs
+            gc.collect()
     print_table(rows)
     if not args.no_save:
         save(loss, rows, device.type)
