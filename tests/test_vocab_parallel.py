@@ -282,10 +282,12 @@ def _worker(rank, world, init_method):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_vocab_parallel(world, tmp_path):
     # A file store in a fresh directory: no TCP port to pick or race for.
-    # fork: the workers start in a fraction of a second (spawn re-imports torch in each, ~10x
-    # slower on a busy machine); they use CPU tensors only, so an initialised CUDA is no obstacle.
+    # forkserver: one clean process imports torch and fusedloss once; every worker is forked from
+    # it in a fraction of a second (spawn re-imports torch in each, several times slower on a busy
+    # machine), and none inherits pytest's threads or CUDA state (as plain fork would).
+    mp.get_context("forkserver").set_forkserver_preload(["torch", "fusedloss"])
     ctx = mp.start_processes(_worker, args=(world, f"file://{tmp_path / 'store'}"), nprocs=world,
-                             join=False, start_method="fork")
+                             join=False, start_method="forkserver")
     deadline = time.monotonic() + 180
     while not ctx.join(timeout=1):  # raises if a worker failed (after stopping the others)
         if time.monotonic() > deadline:
