@@ -8,6 +8,7 @@ A failure on any rank makes torch.multiprocessing.spawn stop the others and rais
 import contextlib
 import datetime
 import time
+import traceback
 
 import pytest
 import torch
@@ -259,10 +260,11 @@ def check_ddp(world):
         torch.testing.assert_close(g, grads[0])
 
 
-def _worker(rank, world, init_method):
+def _worker(rank, world, tmp):
     torch.set_num_threads(1)  # world processes share few cores: spinning OpenMP threads stall them
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    # A file store in the test's fresh directory: no TCP port to pick or race for.
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         for i, (widths, kw) in enumerate(cases(world)):
             try:
@@ -275,25 +277,35 @@ def _worker(rank, world, init_method):
         check_ddp(world)
         if world == 2:  # compiling takes seconds: one world size is enough
             check_compile(world)
+    except BaseException:
+        # spawn reports the first worker to exit, often a peer whose collective broke because
+        # this one failed: keep every worker's traceback for the report.
+        with open(f"{tmp}/rank{rank}.err", "w") as f:
+            f.write(traceback.format_exc())
+        raise
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_vocab_parallel(world, tmp_path):
-    # A file store in a fresh directory: no TCP port to pick or race for.
     # forkserver: one clean process imports torch and fusedloss once; every worker is forked from
     # it in a fraction of a second (spawn re-imports torch in each, several times slower on a busy
     # machine), and none inherits pytest's threads or CUDA state (as plain fork would).
     mp.get_context("forkserver").set_forkserver_preload(["torch", "fusedloss"])
-    ctx = mp.start_processes(_worker, args=(world, f"file://{tmp_path / 'store'}"), nprocs=world,
-                             join=False, start_method="forkserver")
+    ctx = mp.start_processes(_worker, args=(world, str(tmp_path)), nprocs=world, join=False,
+                             start_method="forkserver")
     deadline = time.monotonic() + 180
-    while not ctx.join(timeout=1):  # raises if a worker failed (after stopping the others)
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"vocab-parallel workers (world {world}) still running after 180 s")
+    try:
+        while not ctx.join(timeout=1):  # raises if a worker failed (after stopping the others)
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"vocab-parallel workers (world {world}) still running after 180 s")
+    except mp.ProcessRaisedException:
+        errors = "\n".join(f"--- {p.name}\n{p.read_text()}"
+                           for p in sorted(tmp_path.glob("rank*.err")))
+        pytest.fail(f"vocab-parallel workers failed (world {world}):\n{errors}")
 
 
 def test_needs_process_group():
