@@ -15,6 +15,8 @@ group holds logits [..., V_r] for classes [start_r, start_r + V_r). The loss equ
 Every rank returns the same loss; each rank's backward gives the gradient of its own shard
 (the collective runs inside an autograd.Function, so no cross-rank term is dropped).
 """
+import sys
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -24,12 +26,13 @@ from ._common import check_class_targets, check_same_device, check_tensor, resol
 from .cross_entropy import _ce_forward
 from .reference import acc_dtype
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed support
-    DTensor = None
-
 _FN = "fusedloss.vocab_parallel_cross_entropy"
+
+
+def _is_dtensor(x) -> bool:
+    # Not imported here (it costs 0.4 s): a DTensor exists only once its module is loaded.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(x, mod.DTensor)
 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
@@ -184,7 +187,7 @@ def vocab_parallel_cross_entropy(logits_shard, target, process_group=None, vocab
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{_FN} needs an initialised torch.distributed process group "
                            f"(dist.init_process_group)")
-    if DTensor is not None and isinstance(logits_shard, DTensor):
+    if _is_dtensor(logits_shard):
         mesh, placements = logits_shard.device_mesh, logits_shard.placements
         if mesh.ndim != 1 or not placements[0].is_shard(logits_shard.dim() - 1):
             raise ValueError(f"logits_shard as a DTensor must be sharded on its last dimension "
@@ -194,7 +197,7 @@ def vocab_parallel_cross_entropy(logits_shard, target, process_group=None, vocab
                              "leave them None")
         process_group = mesh.get_group()
         logits_shard = logits_shard.to_local()  # differentiable: the gradient comes back sharded
-        if isinstance(target, DTensor):
+        if _is_dtensor(target):
             if not all(p.is_replicate() for p in target.placements):
                 raise ValueError(f"target as a DTensor must be replicated, got {target.placements}")
             target = target.to_local()
