@@ -60,14 +60,16 @@ def _rows3d(input: torch.Tensor) -> torch.Tensor:
     return input.flatten(2)
 
 
-def _ce_forward(x3, t, w, ignore_index, label_smoothing, z_loss):
+def _ce_forward(x3, t, w, ignore_index, label_smoothing, z_loss, check_targets=True):
     """Per-row (loss, lse) in the acc dtype from the backend for x3's device.
 
     x3: logits [N, C, D] (see _rows3d); t: contiguous int64 targets [N*D]; w: None or [C] weights
-    in the acc dtype. Raises IndexError for a target outside [0, C) that is not ignore_index.
+    in the acc dtype. Raises IndexError for a target outside [0, C) that is not ignore_index
+    (check_targets=False: the caller guarantees the range, skipping the host read on CUDA).
     """
     be = _backend.backend_for(x3)
-    if (be != "op" or x3.device.type != "cpu") and _backend.eager_checks_enabled(t):
+    if (check_targets and (be != "op" or x3.device.type != "cpu")
+            and _backend.eager_checks_enabled(t)):
         # The C++ kernel checks while it reads; elsewhere check here, in eager mode only.
         check_class_targets(_FN, t, x3.shape[1], ignore_index)
     return _impl(be, "cross_entropy_fwd")(x3, t, w, ignore_index, label_smoothing, z_loss)
