@@ -6,6 +6,11 @@
 //   dL/dx    = w ((1-y) sigmoid(x) - pw y sigmoid(-x))
 //   dL/dy    = w (pw softplus(-x) - softplus(x))
 // so at x = +-37, +-40 the tiny terms (e.g. softplus(-40) = 4.2e-18) survive on both branches.
+// Without trapping math gcc may if-convert the float compares of fast_exp / fast_log (a NaN compare
+// could raise FE_INVALID otherwise) and vectorise the loop; nothing here reads FP exception flags.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <torch/library.h>
 
 #include "elementwise.h"
@@ -14,7 +19,7 @@ namespace fusedloss {
 namespace {
 
 template <typename T>
-inline void bce_impl(int64_t n, const T* x, const T* y, const T* w, const T* pw, T* loss, T* gx,
+FL_ALWAYS_INLINE void bce_impl(int64_t n, const T* x, const T* y, const T* w, const T* pw, T* loss, T* gx,
                      T* gy) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {

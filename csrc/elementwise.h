@@ -23,6 +23,15 @@ namespace fusedloss {
 
 constexpr int64_t kElemChunk = 4 * kBlock;
 
+// The per-block math is forced inline into each FL_MULTIVERSION clone so that it is compiled for
+// that clone's ISA; left as a call it stays baseline x86-64, where std::nearbyint (fast_exp) is a
+// libcall and the loop does not vectorise. The kernel files also set no-trapping-math (see there).
+#if defined(__GNUC__)
+#define FL_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define FL_ALWAYS_INLINE inline
+#endif
+
 // Reduction codes, as torch's at::Reduction.
 enum ElemReduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
 
@@ -40,6 +49,38 @@ struct View4 {
     return data + idx[0] * stride[0] + idx[1] * stride[1] + idx[2] * stride[2] + idx[3] * stride[3];
   }
 };
+
+// One run of an operand as accumulation-type values: the operand's own memory when it already is
+// contiguous acc_t, else converted into buf (a broadcast run, stride 0, is one read, not a gather).
+template <typename T, typename acc_t>
+inline const acc_t* read_run(const View4<T>& v, const int64_t* idx, int64_t n, acc_t* buf) {
+  const T* p = v.at(idx);
+  if constexpr (std::is_same_v<T, acc_t>) {
+    if (v.stride[3] == 1) return p;
+  }
+  if (v.stride[3] == 0) {
+    std::fill_n(buf, n, static_cast<acc_t>(*p));
+  } else {
+    load_block(p, v.stride[3], n, buf);
+  }
+  return buf;
+}
+
+// Where a run's output is computed: straight into the (contiguous) output when it is acc_t,
+// else into buf, stored (converted) afterwards by write_run.
+template <typename T, typename acc_t>
+inline acc_t* out_run(T* out, int64_t flat, acc_t* buf) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    if (out) return out + flat;
+  }
+  return buf;
+}
+template <typename T, typename acc_t>
+inline void write_run(const acc_t* src, int64_t n, T* out, int64_t flat) {
+  if (out && static_cast<const void*>(src) != static_cast<const void*>(out + flat)) {
+    store_block(src, n, out + flat, 1);
+  }
+}
 
 // fn(flat, n, idx) over [begin, end) in runs of at most kBlock elements along the last dim;
 // idx holds the coordinates of the run's first element.
@@ -129,31 +170,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_run(
     const int64_t chunks = (numel + kElemChunk - 1) / kElemChunk;
     std::vector<acc_t> partial(want_loss && reduce ? chunks : 0);
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      acc_t xb[kBlock], yb[kBlock], wb[kBlock], pb[kBlock], lb[kBlock], gxb[kBlock], gyb[kBlock];
+      acc_t xb[kBlock], yb[kBlock], wb[kBlock], pb[kBlock], lb[kBlock], gxb[kBlock], gyb[kBlock],
+          gob[kBlock];
       if (!wv.data) std::fill_n(wb, kBlock, acc_t(1));
       if (!pwv.data) std::fill_n(pb, kBlock, acc_t(1));
-      acc_t* gob = lb;  // backward does not need the loss buffer: it holds grad_out
       for (int64_t c = c0; c < c1; ++c) {
         acc_t part = 0;
         for_each_run(size, c * kElemChunk, std::min(numel, (c + 1) * kElemChunk),
                      [&](int64_t flat, int64_t n, const int64_t* idx) {
-          load_block(xv.at(idx), xv.stride[3], n, xb);
-          load_block(yv.at(idx), yv.stride[3], n, yb);
-          if (wv.data) load_block(wv.at(idx), wv.stride[3], n, wb);
-          if (pwv.data) load_block(pwv.at(idx), pwv.stride[3], n, pb);
-          block(n, xb, yb, wb, pb, lb, gxb, gyb);
+          const acc_t* xr = read_run(xv, idx, n, xb);
+          const acc_t* yr = read_run(yv, idx, n, yb);
+          const acc_t* wr = wv.data ? read_run(wv, idx, n, wb) : wb;
+          const acc_t* pr = pwv.data ? read_run(pwv, idx, n, pb) : pb;
+          acc_t* l = out_run(lp, flat, lb);
+          acc_t* gxr = out_run(gxp, flat, gxb);
+          acc_t* gyr = out_run(gyp, flat, gyb);
+          block(n, xr, yr, wr, pr, l, gxr, gyr);
           if (want_loss) {
             if (reduce) {
-              part += block_dot<acc_t>(lb, nullptr, n);
+              part += block_dot<acc_t>(l, nullptr, n);
             } else {
-              store_block(lb, n, lp + flat, 1);
+              write_run(l, n, lp, flat);
             }
           }
           if (grads) {
-            load_block(gov.at(idx), gov.stride[3], n, gob);
-            scale_grads(n, scale, gob, gxb, gyb);
-            if (gxp) store_block(gxb, n, gxp + flat, 1);
-            if (gyp) store_block(gyb, n, gyp + flat, 1);
+            scale_grads(n, scale, read_run(gov, idx, n, gob), gxr, gyr);
+            write_run(gxr, n, gxp, flat);
+            write_run(gyr, n, gyp, flat);
           }
         });
         if (want_loss && reduce) partial[c] = part;
