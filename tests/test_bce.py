@@ -252,3 +252,15 @@ def test_compile_fullgraph():
     (g,) = torch.autograd.grad(out, lin.weight)
     torch.testing.assert_close(out, step(h, t))
     torch.testing.assert_close(g, g_eager)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_reference_backend(monkeypatch, reduction):
+    """fusedloss.reference (the fallback without the C++ extension) through the same functional."""
+    from fusedloss import _backend
+    monkeypatch.setattr(_backend, "_ENV", "reference")
+    x, y = make((2, 3, 4), torch.float64, "cpu")
+    check(x, y, reduction=reduction, weight=torch.rand(3, 1, dtype=torch.float64),
+          pos_weight=torch.rand(4, dtype=torch.float64) * 2)
+    x, y = make((5, 6), torch.bfloat16, "cpu")
+    check(x, y, reduction=reduction)

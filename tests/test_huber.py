@@ -257,3 +257,15 @@ def test_compile_fullgraph():
     (g,) = torch.autograd.grad(out, lin.weight)
     torch.testing.assert_close(out, step(h, t))
     torch.testing.assert_close(g, g_eager)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_reference_backend(monkeypatch, reduction):
+    """fusedloss.reference (the fallback without the C++ extension) through the same functional."""
+    from fusedloss import _backend
+    monkeypatch.setattr(_backend, "_ENV", "reference")
+    x, y = make((2, 3, 4), torch.float64, "cpu")
+    check(huber_loss, F.huber_loss, x, y[:1], reduction=reduction, delta=0.6)
+    check(smooth_l1_loss, F.smooth_l1_loss, x, y, reduction=reduction, beta=0.0)
+    x, y = make((5, 6), torch.float16, "cpu")
+    check(smooth_l1_loss, F.smooth_l1_loss, x, y, reduction=reduction, beta=0.3)
