@@ -32,7 +32,7 @@ constexpr int64_t kBlock = 1024;
 // exp(x) in fp32 that gcc vectorises (std::exp is not, without -ffast-math). Cephes' expf:
 // x = n*ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r, 2^n built in the exponent bits.
 // About 1 ulp; exp(x) for x < -87.3 flushes to 0 (below FLT_MIN); NaN propagates.
-static inline float fast_exp(float x) {
+__attribute__((always_inline)) static inline float fast_exp(float x) {
   const float xc = std::min(std::max(x, -87.33f), 88.37f);
   const float n = std::nearbyint(xc * 1.44269504088896341f);
   float r = xc - n * 0.693359375f;
@@ -54,22 +54,24 @@ static inline float fast_exp(float x) {
 // float64 inputs (gradcheck) keep float64 math.
 static inline double fast_exp(double x) { return std::exp(x); }
 
-// log(x) in fp32 that gcc vectorises (Cephes' logf): x = m * 2^k with m in [sqrt(1/2), sqrt(2)),
-// a degree-9 polynomial in f = m - 1. About 1 ulp; denormals are rescaled first; log(0) = -inf,
-// log(x < 0) = NaN, log(inf) = inf, NaN propagates.
-static inline float fast_log(float x) {
-  const bool sub = x < 1.17549435e-38f;  // FLT_MIN
-  const float xs = sub ? x * 8388608.0f : x;  // * 2^23
+// log(x) in fp32 that gcc vectorises (Cephes' logf), for finite x >= 0: x = m * 2^k with m in
+// [sqrt(1/2), sqrt(2)), a degree-9 polynomial in f = m - 1. About 1 ulp; denormals are rescaled
+// first. No special cases (any select on x stops gcc vectorising the loop): log(0) returns
+// log(2^-150) = -103.97, negative and non-finite x give garbage, but a NaN x stays NaN through
+// fast_log1p and the callers' other terms.
+// (always_inline: with many callers in one file gcc may leave it out of line, unvectorised)
+__attribute__((always_inline)) static inline float fast_log(float x) {
+  const bool sub = x < 1.17549435e-38f;  // FLT_MIN: rescale denormals
+  const float xs = x * (sub ? 8388608.0f : 1.0f);  // * 2^23
   int32_t bits;
   std::memcpy(&bits, &xs, sizeof(float));
-  int32_t k = ((bits >> 23) & 0xff) - 126;  // xs = m * 2^k, m in [0.5, 1)
+  int32_t k = ((bits >> 23) & 0xff) - 126 - (sub ? 23 : 0);  // xs = m * 2^k, m in [0.5, 1)
   bits = (bits & 0x007fffff) | 0x3f000000;
   float m;
   std::memcpy(&m, &bits, sizeof(float));
-  k = sub ? k - 23 : k;
   const bool lo = m < 0.707106781186547524f;
-  k = lo ? k - 1 : k;
-  const float f = lo ? m + m - 1.0f : m - 1.0f;
+  k -= lo ? 1 : 0;
+  const float f = m * (lo ? 2.0f : 1.0f) - 1.0f;
   const float z = f * f;
   float y = 7.0376836292e-2f;
   y = y * f - 1.1514610310e-1f;
@@ -83,18 +85,15 @@ static inline float fast_log(float x) {
   y = y * f * z;
   const float kf = static_cast<float>(k);
   y += kf * -2.12194440e-4f - 0.5f * z;
-  float r = f + y + kf * 0.693359375f;
-  r = (x == 0.0f) ? -std::numeric_limits<float>::infinity() : r;
-  r = (x < 0.0f || x != x) ? std::numeric_limits<float>::quiet_NaN() : r;
-  return (x == std::numeric_limits<float>::infinity()) ? x : r;
+  return f + y + kf * 0.693359375f;
 }
 static inline double fast_log(double x) { return std::log(x); }
 
-// log(1 + x) for x >= 0 without losing small x (Goldberg: log(u) * x / (u - 1), u = 1 + x,
-// exact when u rounds to 1).
-static inline float fast_log1p(float x) {
+// log(1 + x) for x >= 0 without losing small x: u = 1 + x rounds, and log(u) is corrected by
+// the first-order term of that rounding, (x - (u - 1)) / u (gives x where u rounds to 1).
+__attribute__((always_inline)) static inline float fast_log1p(float x) {
   const float u = 1.0f + x;
-  return (u == 1.0f) ? x : fast_log(u) * (x / (u - 1.0f));
+  return fast_log(u) - ((u - 1.0f) - x) / u;
 }
 static inline double fast_log1p(double x) { return std::log1p(x); }
 

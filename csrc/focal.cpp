@@ -17,6 +17,12 @@
 // and lp/q = log(1-q)/q lies in (-inf, -1], -> -1 as q -> 0: q^(gamma-1) is never formed. With
 // A = -dL/dlp >= 0 the gradient has cross-entropy's shape: A p_j off the target, -A q on it.
 // The row's log-sum-exp is cross-entropy's OnlineLSE (common.h).
+// Without trapping math gcc can if-convert the float compares and divisions in the loops below
+// (a NaN compare might otherwise raise FE_INVALID) and vectorise them for AVX2 too; nothing here
+// reads FP exception flags.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -31,8 +37,15 @@ namespace {
 // Elements per partial sum when the sigmoid loss is reduced (kernels/focal.py CHUNK).
 constexpr int64_t kChunk = 4096;
 
-template <bool kSquare, bool kGrad, typename T>
-inline T sigmoid_focal_impl(const T* x, const T* y, int64_t n, T alpha, T gamma, T scale, T* loss,
+// q^gamma: kPow exp(gamma log q) for gamma > 0 (log 0 = -inf gives 0), kZero 1 (gamma = 0,
+// where 0 * log 0 would be NaN), kSquare q * q (the common gamma = 2, no log/exp).
+enum PowMode { kPow, kZero, kSquare };
+
+// Written without branches around divisions or comparisons, which gcc would not if-convert
+// (they may trap), so that the loop vectorises.
+// (always_inline: inlined into each FL_MULTIVERSION clone, so that each ISA gets its own loop)
+template <PowMode kMode, bool kGrad, typename T>
+__attribute__((always_inline)) inline T sigmoid_focal_impl(const T* x, const T* y, int64_t n, T alpha, T gamma, T scale, T* loss,
                             T* g) {
   T total = 0;
 #pragma omp simd reduction(+ : total)
@@ -46,15 +59,15 @@ inline T sigmoid_focal_impl(const T* x, const T* y, int64_t n, T alpha, T gamma,
     const T v = pos ? yi : T(1) - yi;
     const T d = u + v * e;
     const T q = d / ope;
-    // q^gamma, with 0^0 = 1 (gamma * log(0) would be NaN at gamma = 0).
-    const T qg = kSquare ? q * q : fast_exp(gamma == T(0) ? T(0) : gamma * fast_log(q));
+    const T qg = kMode == kSquare ? q * q : kMode == kZero ? T(1) : fast_exp(gamma * fast_log(q));
     const T ce = a * u + fast_log1p(e);
     const T at = alpha < 0 ? T(1) : alpha * yi + (T(1) - alpha) * (T(1) - yi);
     const T l = at * ce * qg;
     loss[i] = l;
     total += l;
     if (kGrad) {
-      const T r = d > 0 ? e / (ope * d) : T(1);
+      // d = 0 only where e = 0 and u = 0, and there r's factor ce is 0: any finite r will do.
+      const T r = e / (ope * std::max(d, std::numeric_limits<T>::min()));
       const T b = (u - v * e) / ope + gamma * (u - v) * r * ce;
       g[i] = scale * at * qg * (pos ? b : -b);
     }
@@ -62,15 +75,18 @@ inline T sigmoid_focal_impl(const T* x, const T* y, int64_t n, T alpha, T gamma,
   return total;
 }
 
+template <PowMode kMode, typename T>
+__attribute__((always_inline)) inline T sigmoid_focal_grad_or_not(const T* x, const T* y, int64_t n, T alpha, T gamma, T scale,
+                                   T* loss, T* g) {
+  return g ? sigmoid_focal_impl<kMode, true>(x, y, n, alpha, gamma, scale, loss, g)
+           : sigmoid_focal_impl<kMode, false>(x, y, n, alpha, gamma, scale, loss, g);
+}
 template <typename T>
-inline T sigmoid_focal_dispatch(const T* x, const T* y, int64_t n, T alpha, T gamma, T scale,
+__attribute__((always_inline)) inline T sigmoid_focal_dispatch(const T* x, const T* y, int64_t n, T alpha, T gamma, T scale,
                                 T* loss, T* g) {
-  if (gamma == T(2)) {  // the common default: q * q, no log/exp
-    return g ? sigmoid_focal_impl<true, true>(x, y, n, alpha, gamma, scale, loss, g)
-             : sigmoid_focal_impl<true, false>(x, y, n, alpha, gamma, scale, loss, g);
-  }
-  return g ? sigmoid_focal_impl<false, true>(x, y, n, alpha, gamma, scale, loss, g)
-           : sigmoid_focal_impl<false, false>(x, y, n, alpha, gamma, scale, loss, g);
+  if (gamma == T(2)) return sigmoid_focal_grad_or_not<kSquare>(x, y, n, alpha, gamma, scale, loss, g);
+  if (gamma == T(0)) return sigmoid_focal_grad_or_not<kZero>(x, y, n, alpha, gamma, scale, loss, g);
+  return sigmoid_focal_grad_or_not<kPow>(x, y, n, alpha, gamma, scale, loss, g);
 }
 FL_MULTIVERSION float sigmoid_focal_block(const float* x, const float* y, int64_t n, float alpha,
                                           float gamma, float scale, float* loss, float* g) {
@@ -83,7 +99,7 @@ double sigmoid_focal_block(const double* x, const double* y, int64_t n, double a
 
 // g = a * exp(x - shift): the softmax gradient off the target column.
 template <typename T>
-inline void scaled_softmax_impl(const T* x, int64_t n, T shift, T a, T* g) {
+__attribute__((always_inline)) inline void scaled_softmax_impl(const T* x, int64_t n, T shift, T a, T* g) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) g[i] = a * fast_exp(x[i] - shift);
 }
@@ -182,7 +198,7 @@ void softmax_focal_rows(const at::Tensor& x, const int64_t* tgt, const acc_t* al
       const acc_t lp = std::min(static_cast<acc_t>(xr[t * sC]) - lse, acc_t(0));
       const acc_t q = -std::expm1(lp);
       const acc_t at = alpha ? alpha[t] : acc_t(1);
-      const acc_t qg = std::pow(q, gamma);  // pow(0, 0) = 1
+      const acc_t qg = gamma == 2 ? q * q : std::pow(q, gamma);  // pow(0, 0) = 1
       loss[r] = -at * qg * lp;
       if (!gr) continue;
       const acc_t ratio = q > 0 ? lp / q : acc_t(-1);  // log(1-q)/q -> -1 as q -> 0
