@@ -18,39 +18,62 @@
 namespace fusedloss {
 namespace {
 
-template <typename T>
-FL_ALWAYS_INLINE void bce_impl(int64_t n, const T* x, const T* y, const T* w, const T* pw, T* loss, T* gx,
-                     T* gy) {
-#pragma omp simd
+template <int kMode, typename T>
+FL_ALWAYS_INLINE T bce_impl(int64_t n, const T* x, const T* y, const T* w, const T* pw, const T* go,
+                            T scale, T* loss, T* gx, T* gy) {
+  T total = 0;
+#pragma omp simd reduction(+ : total)
   for (int64_t i = 0; i < n; ++i) {
     const T xi = x[i];
     const T e = fast_exp(-std::abs(xi));
-    const T l1p = fast_log1p(e);
-    const T sp_pos = std::max(xi, T(0)) + l1p;   // softplus(x)
-    const T sp_neg = std::max(-xi, T(0)) + l1p;  // softplus(-x)
-    const T r = T(1) / (T(1) + e);
-    const T sig_pos = xi >= 0 ? r : e * r;  // sigmoid(x)
-    const T sig_neg = xi >= 0 ? e * r : r;  // sigmoid(-x)
     const T a = pw[i] * y[i], b = T(1) - y[i];
-    loss[i] = w[i] * (a * sp_neg + b * sp_pos);
-    gx[i] = w[i] * (b * sig_pos - a * sig_neg);
-    gy[i] = w[i] * (pw[i] * sp_neg - sp_pos);
+    if constexpr (kMode != kGradX) {
+      const T l1p = fast_log1p(e);
+      const T sp_pos = std::max(xi, T(0)) + l1p;   // softplus(x)
+      const T sp_neg = std::max(-xi, T(0)) + l1p;  // softplus(-x)
+      if constexpr (kMode == kLossSum || kMode == kLossStore) {
+        const T l = w[i] * (a * sp_neg + b * sp_pos);
+        if constexpr (kMode == kLossSum) total += l;
+        else loss[i] = l;
+      } else {
+        gy[i] = w[i] * (pw[i] * sp_neg - sp_pos) * (scale * go[i]);
+      }
+    }
+    if constexpr (kMode == kGradX || kMode == kGradXY) {
+      const T r = T(1) / (T(1) + e);
+      const T sig_pos = xi >= 0 ? r : e * r;  // sigmoid(x)
+      const T sig_neg = xi >= 0 ? e * r : r;  // sigmoid(-x)
+      gx[i] = w[i] * (b * sig_pos - a * sig_neg) * (scale * go[i]);
+    }
+  }
+  return total;
+}
+template <typename T>
+FL_ALWAYS_INLINE T bce_modes(int mode, int64_t n, const T* x, const T* y, const T* w, const T* pw,
+                             const T* go, T scale, T* loss, T* gx, T* gy) {
+  switch (mode) {
+    case kLossSum: return bce_impl<kLossSum>(n, x, y, w, pw, go, scale, loss, gx, gy);
+    case kLossStore: return bce_impl<kLossStore>(n, x, y, w, pw, go, scale, loss, gx, gy);
+    case kGradX: return bce_impl<kGradX>(n, x, y, w, pw, go, scale, loss, gx, gy);
+    default: return bce_impl<kGradXY>(n, x, y, w, pw, go, scale, loss, gx, gy);
   }
 }
-FL_MULTIVERSION void bce_block(int64_t n, const float* x, const float* y, const float* w,
-                               const float* pw, float* loss, float* gx, float* gy) {
-  bce_impl(n, x, y, w, pw, loss, gx, gy);
+FL_MULTIVERSION float bce_block(int mode, int64_t n, const float* x, const float* y,
+                                const float* w, const float* pw, const float* go, float scale,
+                                float* loss, float* gx, float* gy) {
+  return bce_modes(mode, n, x, y, w, pw, go, scale, loss, gx, gy);
 }
-void bce_block(int64_t n, const double* x, const double* y, const double* w, const double* pw,
-               double* loss, double* gx, double* gy) {
-  bce_impl(n, x, y, w, pw, loss, gx, gy);
+double bce_block(int mode, int64_t n, const double* x, const double* y, const double* w,
+                 const double* pw, const double* go, double scale, double* loss, double* gx,
+                 double* gy) {
+  return bce_modes(mode, n, x, y, w, pw, go, scale, loss, gx, gy);
 }
 
 struct Bce {
   template <typename T>
-  void operator()(int64_t n, const T* x, const T* y, const T* w, const T* pw, T* loss, T* gx,
-                  T* gy) const {
-    bce_block(n, x, y, w, pw, loss, gx, gy);
+  T operator()(int mode, int64_t n, const T* x, const T* y, const T* w, const T* pw, const T* go,
+               T scale, T* loss, T* gx, T* gy) const {
+    return bce_block(mode, n, x, y, w, pw, go, scale, loss, gx, gy);
   }
 };
 

@@ -3,7 +3,8 @@
 // Every operand is a strided view of one [D0, D1, D2, D3] index space: the Python layer
 // broadcasts with expand (stride 0, no copy) and merges dims that every operand can merge
 // (fusedloss/_elementwise.py), so broadcast weights and non-contiguous inputs are read in place.
-// Outputs (per-element loss, gradients) are contiguous over that space. Forward writes the loss
+// Outputs (per-element loss, gradients) are contiguous over that space; fp32 runs are read and
+// written in place, other dtypes go through L1-sized fp32 buffers. Forward writes the loss
 // only; backward re-reads the inputs and writes the gradients with grad_out folded in (the same
 // memory traffic as saving a gradient in forward, no buffer held between the two, and any number
 // of backward calls).
@@ -115,24 +116,17 @@ inline T pairwise_sum(const T* p, int64_t n) {
   return pairwise_sum(p, h) + pairwise_sum(p + h, n - h);
 }
 
-// gx, gy *= scale * go, in fp32 (grad_out times 1/numel never rounds to a 16-bit type).
-template <typename T>
-inline void scale_grads(int64_t n, T scale, const T* go, T* gx, T* gy) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const T s = scale * go[i];
-    gx[i] *= s;
-    gy[i] *= s;
-  }
-}
+// What one call of a loss's block math computes: the loss (summed, or stored per element), or
+// the gradients times scale * grad_out (w.r.t. input only, or input and target).
+enum BlockMode : int { kLossSum = 0, kLossStore = 1, kGradX = 2, kGradXY = 3 };
 
-// Runs an element-wise loss. `block(n, x, y, w, pw, loss, gx, gy)` computes on accumulation-type
-// buffers (w, pw are ones where the operand is absent) the per-element loss and its gradients
-// w.r.t. input and target.
+// Runs an element-wise loss. `block(mode, n, x, y, w, pw, go, scale, loss, gx, gy)` is the loss's
+// vectorised math on accumulation-type runs (w, pw are ones where the operand is absent): per
+// BlockMode it returns the sum of the per-element loss or writes loss[i], or writes
+// gx[i] = dL/dx * scale * go[i] (and gy[i] = dL/dy * scale * go[i]), the product taken in fp32.
 // Forward (want_loss): returns the loss, per element in the input dtype or the reduced 0-dim value
 // in the acc dtype. Backward (grad_out given, a 4-d view in the input dtype): returns the
-// gradients asked for, times grad_out and 1/numel for mean, the product taken in fp32.
-// Unrequested outputs are empty.
+// gradients asked for, times grad_out and 1/numel for mean. Unrequested outputs are empty.
 template <typename Block>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_run(
     const char* name, const at::Tensor& x, const at::Tensor& y,
@@ -169,6 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_run(
     const at::IntArrayRef size = x.sizes();
     const int64_t chunks = (numel + kElemChunk - 1) / kElemChunk;
     std::vector<acc_t> partial(want_loss && reduce ? chunks : 0);
+    const int mode = want_loss ? (reduce ? kLossSum : kLossStore) : (want_gy ? kGradXY : kGradX);
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       acc_t xb[kBlock], yb[kBlock], wb[kBlock], pb[kBlock], lb[kBlock], gxb[kBlock], gyb[kBlock],
           gob[kBlock];
@@ -182,19 +177,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_run(
           const acc_t* yr = read_run(yv, idx, n, yb);
           const acc_t* wr = wv.data ? read_run(wv, idx, n, wb) : wb;
           const acc_t* pr = pwv.data ? read_run(pwv, idx, n, pb) : pb;
+          const acc_t* gor = grads ? read_run(gov, idx, n, gob) : gob;
           acc_t* l = out_run(lp, flat, lb);
           acc_t* gxr = out_run(gxp, flat, gxb);
           acc_t* gyr = out_run(gyp, flat, gyb);
-          block(n, xr, yr, wr, pr, l, gxr, gyr);
-          if (want_loss) {
-            if (reduce) {
-              part += block_dot<acc_t>(l, nullptr, n);
-            } else {
-              write_run(l, n, lp, flat);
-            }
-          }
+          part += block(mode, n, xr, yr, wr, pr, gor, scale, l, gxr, gyr);
+          if (mode == kLossStore) write_run(l, n, lp, flat);
           if (grads) {
-            scale_grads(n, scale, read_run(gov, idx, n, gob), gxr, gyr);
             write_run(gxr, n, gxp, flat);
             write_run(gyr, n, gyp, flat);
           }

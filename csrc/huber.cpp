@@ -17,40 +17,58 @@
 namespace fusedloss {
 namespace {
 
-template <typename T>
-FL_ALWAYS_INLINE void huber_impl(int64_t n, const T* x, const T* y, const T* w, T t, T k, T m, T* loss,
-                       T* gx, T* gy) {
-#pragma omp simd
+template <int kMode, typename T>
+FL_ALWAYS_INLINE T huber_impl(int64_t n, const T* x, const T* y, const T* w, const T* go, T scale,
+                              T t, T k, T m, T* loss, T* gx, T* gy) {
+  T total = 0;
+#pragma omp simd reduction(+ : total)
   for (int64_t i = 0; i < n; ++i) {
     const T d = x[i] - y[i];
     const T ad = std::abs(d);
     const bool quad = ad < t;
-    const T sgn = d > 0 ? T(1) : (d < 0 ? T(-1) : d);  // 0 -> 0, NaN -> NaN
-    loss[i] = w[i] * (quad ? T(0.5) * k * d * d : m * (ad - T(0.5) * t));
-    const T g = w[i] * (quad ? k * d : m * sgn);
-    gx[i] = g;
-    gy[i] = -g;
+    if constexpr (kMode == kLossSum || kMode == kLossStore) {
+      const T l = w[i] * (quad ? T(0.5) * k * d * d : m * (ad - T(0.5) * t));
+      if constexpr (kMode == kLossSum) total += l;
+      else loss[i] = l;
+    } else {
+      const T sgn = d > 0 ? T(1) : (d < 0 ? T(-1) : d);  // 0 -> 0, NaN -> NaN
+      const T g = w[i] * (quad ? k * d : m * sgn) * (scale * go[i]);
+      gx[i] = g;
+      gy[i] = -g;
+    }
+  }
+  return total;
+}
+template <typename T>
+FL_ALWAYS_INLINE T huber_modes(int mode, int64_t n, const T* x, const T* y, const T* w,
+                               const T* go, T scale, T t, T k, T m, T* loss, T* gx, T* gy) {
+  switch (mode) {
+    case kLossSum: return huber_impl<kLossSum>(n, x, y, w, go, scale, t, k, m, loss, gx, gy);
+    case kLossStore: return huber_impl<kLossStore>(n, x, y, w, go, scale, t, k, m, loss, gx, gy);
+    default: return huber_impl<kGradXY>(n, x, y, w, go, scale, t, k, m, loss, gx, gy);  // gy free
   }
 }
-FL_MULTIVERSION void huber_block(int64_t n, const float* x, const float* y, const float* w,
-                                 float t, float k, float m, float* loss, float* gx, float* gy) {
-  huber_impl(n, x, y, w, t, k, m, loss, gx, gy);
+FL_MULTIVERSION float huber_block(int mode, int64_t n, const float* x, const float* y,
+                                  const float* w, const float* go, float scale, float t, float k,
+                                  float m, float* loss, float* gx, float* gy) {
+  return huber_modes(mode, n, x, y, w, go, scale, t, k, m, loss, gx, gy);
 }
-void huber_block(int64_t n, const double* x, const double* y, const double* w, double t, double k,
-                 double m, double* loss, double* gx, double* gy) {
-  huber_impl(n, x, y, w, t, k, m, loss, gx, gy);
+double huber_block(int mode, int64_t n, const double* x, const double* y, const double* w,
+                   const double* go, double scale, double t, double k, double m, double* loss,
+                   double* gx, double* gy) {
+  return huber_modes(mode, n, x, y, w, go, scale, t, k, m, loss, gx, gy);
 }
 
 struct Huber {
   double delta;
   bool smooth_l1;
   template <typename T>
-  void operator()(int64_t n, const T* x, const T* y, const T* w, const T* /*pw*/, T* loss,
-                  T* gx, T* gy) const {
+  T operator()(int mode, int64_t n, const T* x, const T* y, const T* w, const T* /*pw*/,
+               const T* go, T scale, T* loss, T* gx, T* gy) const {
     const T t = static_cast<T>(delta);
     const T k = !smooth_l1 ? T(1) : (delta > 0 ? T(1) / t : T(0));
     const T m = smooth_l1 ? T(1) : t;
-    huber_block(n, x, y, w, t, k, m, loss, gx, gy);
+    return huber_block(mode, n, x, y, w, go, scale, t, k, m, loss, gx, gy);
   }
 };
 
