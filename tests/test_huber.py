@@ -81,6 +81,15 @@ def test_non_contiguous(backend):
     check(smooth_l1_loss, F.smooth_l1_loss, x[:, ::2], y[1:2, ::2], reduction="sum")
 
 
+def test_more_than_four_dims(backend):
+    """A layout that no merging brings to 4 dims is copied first (and still right)."""
+    x, y = make((2, 3, 2, 3, 2), torch.float32, backend.device)
+    xp, yp = x.permute(4, 2, 0, 3, 1), y.permute(2, 4, 0, 1, 3).reshape(x.permute(4, 2, 0, 3, 1).shape)
+    assert len(view4(xp, yp)) == 2 and view4(xp, yp)[0].dim() == 4
+    check(huber_loss, F.huber_loss, xp, yp, delta=0.5)
+    check(smooth_l1_loss, F.smooth_l1_loss, xp[:, :1], yp, reduction="none")
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_grad_output(backend, reduction):
     x, y = make((3, 4), torch.float32, backend.device)
