@@ -335,3 +335,21 @@ def test_int64_offsets(backend):
     expected[-1] = lse_last - 10.0
     torch.testing.assert_close(loss.double().cpu(), expected, atol=0, rtol=8e-3)  # bf16 output
     del x
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_reference_backend(monkeypatch, reduction):
+    """The plain-PyTorch fallback (used when the C++ extension is not built) is a full backend."""
+    from fusedloss import _backend
+
+    monkeypatch.setattr(_backend, "_ENV", "reference")
+    x = randn(6, 11, 3)
+    t = torch.randint(0, 11, (6, 3))
+    t[0, 1] = -100
+    go = torch.randn(6, 3) if reduction == "none" else None
+    check(x, t, grad_out=go, reduction=reduction, weight=torch.rand(11), label_smoothing=0.1,
+          z_loss=1e-3)
+    with pytest.raises(IndexError, match="out of bounds"):
+        cross_entropy(x, torch.full((6, 3), 11))
+    logits = x.clone().requires_grad_(True) * 1.0
+    cross_entropy(logits, t, inplace_backward=True).backward()  # writes into the logits
