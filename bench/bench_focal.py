@@ -4,8 +4,8 @@
     python bench/bench_focal.py --quick
 Sigmoid focal on a RetinaNet-like shape (anchors x 80 classes, reduction 'sum' / num_pos, as
 detectors use it); softmax focal on a segmentation shape (N, 19, H, W). The torchvision formula is
-written out here (torchvision.ops.sigmoid_focal_loss); the softmax baseline is its usual eager
-form over log_softmax. GB/s counts one read of the inputs (and targets) and one write of the
+written out here (torchvision.ops.sigmoid_focal_loss); the softmax baseline ("eager formula" in
+the softmax rows) is the usual eager form over log_softmax. GB/s counts one read of the inputs (and targets) and one write of the
 gradient.
 """
 import os
@@ -75,31 +75,36 @@ def main():
 
     tv_compiled = torch.compile(tv_sigmoid_focal)
     sm_compiled = torch.compile(eager_softmax_focal)
-    sig_providers = {
-        "fusedloss": lambda i: _common.fwd_bwd(lambda: fusedloss.functional.sigmoid_focal_loss(
-            i[0], i[1], reduction="sum", normalizer=i[2]), i[0]),
-        "torchvision formula": lambda i: _common.fwd_bwd(
-            lambda: tv_sigmoid_focal(i[0], i[1]).sum() / i[2], i[0]),
-        "torch.compile": lambda i: _common.fwd_bwd(
-            lambda: tv_compiled(i[0], i[1]).sum() / i[2], i[0]),
-    }
-    seg_providers = {
-        "fusedloss": lambda i: _common.fwd_bwd(
-            lambda: fusedloss.functional.softmax_focal_loss(i[0], i[1]), i[0]),
-        "eager formula": lambda i: _common.fwd_bwd(lambda: eager_softmax_focal(*i), i[0]),
-        "torch.compile": lambda i: _common.fwd_bwd(lambda: sm_compiled(*i), i[0]),
+
+    # One run (the harness re-runs this script per row to measure CPU peak memory): sigmoid
+    # cases' inputs are (x, y, num_pos), softmax cases' (x, target); providers dispatch on that.
+    def fused(i):
+        if len(i) == 3:
+            return fusedloss.functional.sigmoid_focal_loss(i[0], i[1], reduction="sum",
+                                                           normalizer=i[2])
+        return fusedloss.functional.softmax_focal_loss(i[0], i[1])
+
+    def eager(i, sig=tv_sigmoid_focal, sm=eager_softmax_focal):
+        return sig(i[0], i[1]).sum() / i[2] if len(i) == 3 else sm(*i)
+
+    providers = {
+        "fusedloss": lambda i: _common.fwd_bwd(lambda: fused(i), i[0]),
+        "eager formula": lambda i: _common.fwd_bwd(lambda: eager(i), i[0]),
+        "torch.compile": lambda i: _common.fwd_bwd(lambda: eager(i, tv_compiled, sm_compiled), i[0]),
     }
     name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
-    sig_cases = [(f"sigmoid {b}x{a}x{c} {name(dt)}", make_sig(b, a, c, dt))
-                 for b, a, c, dt in sig_shapes]
-    seg_cases = [(f"softmax {n}x{c}x{h}x{w} {name(dt)}", make_seg(n, c, h, w, dt))
-                 for n, c, h, w, dt in seg_shapes]
-    # one read of x and y and one write of the gradient; softmax: x, int64 target, gradient
-    sig_bytes = lambda i: 3 * i[0].numel() * i[0].element_size()  # noqa: E731
-    seg_bytes = lambda i: 2 * i[0].numel() * i[0].element_size() + 8 * i[1].numel()  # noqa: E731
-    _common.run("sigmoid_focal", sig_cases, sig_providers, sig_bytes, args)
-    _common.run("softmax_focal", seg_cases, seg_providers, seg_bytes, args)
+    cases = [(f"sigmoid {b}x{a}x{c} {name(dt)}", make_sig(b, a, c, dt)) for b, a, c, dt in sig_shapes]
+    cases += [(f"softmax {n}x{c}x{h}x{w} {name(dt)}", make_seg(n, c, h, w, dt))
+              for n, c, h, w, dt in seg_shapes]
 
+    def nbytes(i):
+        # sigmoid: one read of x and y and one write of the gradient; softmax: x, int64 target,
+        # gradient
+        if len(i) == 3:
+            return 3 * i[0].numel() * i[0].element_size()
+        return 2 * i[0].numel() * i[0].element_size() + 8 * i[1].numel()
+
+    _common.run("focal", cases, providers, nbytes, args)
 
 if __name__ == "__main__":
     main()

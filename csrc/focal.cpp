@@ -111,6 +111,57 @@ void scaled_softmax_block(const double* x, int64_t n, double shift, double a, do
   scaled_softmax_impl(x, n, shift, a, g);
 }
 
+// Spatial tiles (see softmax_focal_tiles): the same three sweeps, one lane per pixel.
+template <typename T>
+__attribute__((always_inline)) inline void tile_max_impl(const T* x, int64_t n, T* m) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) m[i] = std::max(m[i], x[i]);
+}
+template <typename T>
+__attribute__((always_inline)) inline void tile_sum_exp_impl(const T* x, int64_t n, const T* m, T* s) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) s[i] += fast_exp(x[i] - m[i]);
+}
+template <typename T>
+__attribute__((always_inline)) inline void tile_grad_impl(const T* x, int64_t n, const T* lse, const T* a, T* g) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) g[i] = a[i] * fast_exp(x[i] - lse[i]);
+}
+FL_MULTIVERSION void tile_max(const float* x, int64_t n, float* m) { tile_max_impl(x, n, m); }
+void tile_max(const double* x, int64_t n, double* m) { tile_max_impl(x, n, m); }
+FL_MULTIVERSION void tile_sum_exp(const float* x, int64_t n, const float* m, float* s) {
+  tile_sum_exp_impl(x, n, m, s);
+}
+void tile_sum_exp(const double* x, int64_t n, const double* m, double* s) {
+  tile_sum_exp_impl(x, n, m, s);
+}
+FL_MULTIVERSION void tile_grad(const float* x, int64_t n, const float* lse, const float* a, float* g) {
+  tile_grad_impl(x, n, lse, a, g);
+}
+void tile_grad(const double* x, int64_t n, const double* lse, const double* a, double* g) {
+  tile_grad_impl(x, n, lse, a, g);
+}
+
+// One row's focal terms from its lse and target logit (see the header): the loss, and
+// A = scale * alpha_t q^gamma (1 - gamma p_t lp/q) with q; the gradient is A p_j off the target
+// and -A q on it.
+template <typename T>
+struct FocalRow {
+  T loss, a, q;
+};
+template <typename T>
+inline FocalRow<T> focal_row(T lse, T x_t, T alpha_t, T gamma, T scale, bool grad) {
+  const T lp = std::min(x_t - lse, T(0));
+  const T q = -std::expm1(lp);
+  const T qg = gamma == 2 ? q * q : std::pow(q, gamma);  // pow(0, 0) = 1
+  FocalRow<T> r{-alpha_t * qg * lp, T(0), q};
+  if (grad) {
+    const T ratio = q > 0 ? lp / q : T(-1);  // log(1-q)/q -> -1 as q -> 0
+    r.a = scale * alpha_t * qg * (1 - gamma * std::exp(lp) * ratio);
+  }
+  return r;
+}
+
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_fwd(const at::Tensor& input,
                                                      const at::Tensor& target,
                                                      const c10::optional<at::Tensor>& grad_scale,
@@ -195,21 +246,86 @@ void softmax_focal_rows(const at::Tensor& x, const int64_t* tgt, const acc_t* al
         acc.add(buf, nb);
       }
       const acc_t lse = acc.lse();
-      const acc_t lp = std::min(static_cast<acc_t>(xr[t * sC]) - lse, acc_t(0));
-      const acc_t q = -std::expm1(lp);
-      const acc_t at = alpha ? alpha[t] : acc_t(1);
-      const acc_t qg = gamma == 2 ? q * q : std::pow(q, gamma);  // pow(0, 0) = 1
-      loss[r] = -at * qg * lp;
+      const FocalRow<acc_t> f = focal_row(lse, static_cast<acc_t>(xr[t * sC]),
+                                          alpha ? alpha[t] : acc_t(1), gamma, scale, gr != nullptr);
+      loss[r] = f.loss;
       if (!gr) continue;
-      const acc_t ratio = q > 0 ? lp / q : acc_t(-1);  // log(1-q)/q -> -1 as q -> 0
-      const acc_t a = scale * at * qg * (1 - gamma * std::exp(lp) * ratio);
       for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
         const int64_t nb = std::min(kBlock, C - c0);
         load_block(xr + c0 * sC, sC, nb, buf);
-        scaled_softmax_block(buf, nb, lse, a, gbuf);
+        scaled_softmax_block(buf, nb, lse, f.a, gbuf);
         store_block(gbuf, nb, gr + c0 * gC, gC);
       }
-      gr[t * gC] = static_cast<scalar_t>(-a * q);
+      gr[t * gC] = static_cast<scalar_t>(-f.a * f.q);
+    }
+  });
+}
+
+// Logits [N, C, D] with D > 1 and unit spatial stride (segmentation, (N, C, H, W)): a row is C
+// values D apart, so row by row every load is a gather and the per-row overhead dominates small C.
+// Instead a tile of kTile pixels is swept class by class over contiguous memory, one lane per
+// pixel: max, then sum of exp(x - max) (the tile stays in cache), then per pixel the row terms,
+// then the gradient class by class. Same math as the rows above.
+constexpr int64_t kTile = 256;
+
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+void softmax_focal_tiles(const at::Tensor& x, const int64_t* tgt, const acc_t* alpha, acc_t gamma,
+                         acc_t scale, int64_t ignore_index, scalar_t* g, at::IntArrayRef g_strides,
+                         acc_t* loss, std::atomic<int64_t>& bad) {
+  const int64_t N = x.size(0), C = x.size(1), D = x.size(2);
+  const int64_t sN = x.stride(0), sC = x.stride(1);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const int64_t gN = g ? g_strides[0] : 0, gC = g ? g_strides[1] : 0;
+  const int64_t tiles_per_n = (D + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C * kTile, 1));
+
+  at::parallel_for(0, N * tiles_per_n, grain, [&](int64_t begin, int64_t end) {
+    acc_t buf[kTile], m[kTile], s[kTile], a[kTile], gbuf[kTile];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n = tile / tiles_per_n, d0 = (tile % tiles_per_n) * kTile;
+      const int64_t S = std::min(kTile, D - d0);
+      const scalar_t* xt = xp + n * sN + d0;
+      std::fill_n(m, S, -std::numeric_limits<acc_t>::infinity());
+      std::fill_n(s, S, acc_t(0));
+      for (int64_t c = 0; c < C; ++c) {
+        load_block(xt + c * sC, 1, S, buf);
+        tile_max(buf, S, m);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        load_block(xt + c * sC, 1, S, buf);
+        tile_sum_exp(buf, S, m, s);
+      }
+      for (int64_t i = 0; i < S; ++i) {
+        const int64_t r = n * D + d0 + i;
+        const int64_t t = tgt[r];
+        const bool valid = t != ignore_index;
+        if (valid && !(t >= 0 && t < C)) {
+          int64_t none = std::numeric_limits<int64_t>::min();
+          bad.compare_exchange_strong(none, t);  // reported after the loop, as an IndexError
+        }
+        m[i] += std::log(s[i]);  // m now holds the lse
+        if (!valid || t < 0 || t >= C) {
+          loss[r] = 0;
+          a[i] = 0;  // a zero gradient for the whole pixel
+          continue;
+        }
+        const FocalRow<acc_t> f = focal_row(m[i], static_cast<acc_t>(xt[t * sC + i]),
+                                            alpha ? alpha[t] : acc_t(1), gamma, scale, g != nullptr);
+        loss[r] = f.loss;
+        a[i] = f.a;
+        s[i] = f.q;  // s now holds q
+      }
+      if (!g) continue;
+      scalar_t* gt = g + n * gN + d0;
+      for (int64_t c = 0; c < C; ++c) {
+        load_block(xt + c * sC, 1, S, buf);
+        tile_grad(buf, S, m, a, gbuf);
+        store_block(gbuf, S, gt + c * gC, 1);
+      }
+      for (int64_t i = 0; i < S; ++i) {  // the target column of each valid pixel
+        const int64_t t = tgt[n * D + d0 + i];
+        if (a[i] != 0 && t >= 0 && t < C) gt[t * gC + i] = static_cast<scalar_t>(-a[i] * s[i]);
+      }
     }
   });
 }
@@ -239,7 +355,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_fwd(const at::Tensor& logits,
   std::atomic<int64_t> bad{std::numeric_limits<int64_t>::min()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fusedloss_smfl", [&] {
     using acc_t = acc_type<scalar_t>;
-    softmax_focal_rows<scalar_t>(
+    // Spatial tiles where pixels are contiguous (and the gradient is written alike).
+    const bool tiles = logits.size(2) > 1 && logits.stride(2) == 1 &&
+                       (!compute_grad || grad.stride(2) == 1);
+    (tiles ? softmax_focal_tiles<scalar_t> : softmax_focal_rows<scalar_t>)(
         logits, target.const_data_ptr<int64_t>(),
         alpha.has_value() ? alpha->const_data_ptr<acc_t>() : nullptr, static_cast<acc_t>(gamma),
         static_cast<acc_t>(scalar_or(grad_scale, 1.0)), ignore_index,

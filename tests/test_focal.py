@@ -229,6 +229,12 @@ def test_softmax_extreme_logits(backend, dtype, gamma):
         compare(lambda z: softmax_focal_loss(z, t, gamma, a, reduction="none"),
                 lambda z: stable_softmax(z, t, gamma, a, reduction="none"), x,
                 atol=max(RTOL[dtype], 1e-6))
+    if not backend.interpreted:
+        # the same rows as the pixels of one (1, C, R) image (the C++ spatial-tile path)
+        compare(lambda z: softmax_focal_loss(z.t().contiguous()[None], t[None], gamma, alpha,
+                                           reduction="none"),
+                lambda z: stable_softmax(z, t, gamma, alpha, reduction="none")[None], x,
+                atol=max(RTOL[dtype], 1e-6))
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
@@ -283,6 +289,27 @@ def test_softmax_ignore_index_alpha(backend, shape, reduction):
             return out.reshape(tshape) if reduction == "none" else out
 
         compare(lambda z: softmax_focal_loss(z, t, 2.0, a, ignore, reduction), ref, x, rtol=2e-5)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_softmax_segmentation_tiles(reduction):
+    """(N, C, H, W) with several 256-pixel tiles and a tail, ignored pixels and out-of-range
+    ignore_index values, C++ only (the interpreter is too slow for this many rows)."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 17, 31, generator=g, dtype=torch.float64) * 4
+    t = torch.randint(0, 3, (2, 17, 31), generator=g)
+    t[0, :5] = 255
+    alpha = torch.rand(3, generator=g, dtype=torch.float64)
+    ref = lambda z: stable_softmax(z.movedim(1, -1).reshape(-1, 3), t.reshape(-1), 2.0, alpha,  # noqa
+                                   255, reduction)
+    compare(lambda z: softmax_focal_loss(z, t, 2.0, alpha, 255, reduction),
+            lambda z: ref(z).reshape(t.shape) if reduction == "none" else ref(z), x)
+    # and in fp32, read through a channels-last layout (the row path)
+    xc = x.float().contiguous(memory_format=torch.channels_last)
+    compare(lambda z: softmax_focal_loss(z, t, 0.5, alpha.float(), 255, reduction),
+            lambda z: (lambda r: r.reshape(t.shape) if reduction == "none" else r)(
+                stable_softmax(z.movedim(1, -1).reshape(-1, 3), t.reshape(-1), 0.5, alpha, 255,
+                               reduction)), xc, rtol=2e-5)
 
 
 def test_softmax_noncontiguous_and_module(backend):
