@@ -110,6 +110,19 @@ def test_extreme_logits_float64(backend, x0):
     torch.testing.assert_close(gy, -x.detach(), rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("x0", [37.0, -40.0, 80.0])
+def test_extreme_logits_tiny_fp32(backend, x0):
+    """The same tiny values in fp32 (exp(-|x|) is still a normal fp32 number there)."""
+    x = torch.tensor([x0], device=backend.device, requires_grad=True)
+    y = torch.full((1,), float(x0 > 0), device=backend.device)
+    loss = bce(x, y, reduction="sum")
+    (g,) = torch.autograd.grad(loss, x)
+    e = torch.exp(torch.tensor(-abs(x0), dtype=torch.float64))
+    torch.testing.assert_close(loss.double().cpu(), torch.log1p(e), rtol=1e-5, atol=0)
+    torch.testing.assert_close(g.double().cpu()[0], (-e if x0 > 0 else e) / (1 + e), rtol=1e-5,
+                               atol=0)
+
+
 def test_extreme_logits_finite(backend):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x = torch.tensor([-1e4, -100.0, -30.0, 0.0, 30.0, 100.0, 6e4], device=backend.device)
