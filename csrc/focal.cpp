@@ -9,14 +9,18 @@
 // q^(gamma-1) is infinite at q = 0 for gamma < 1, so it is never formed: with
 //   r = p (1-p) / q = e / ((1 + e)(u + v e))   (in [0, 1]: q >= min(p, 1-p) >= p (1-p))
 // the gradient is alpha_t q^gamma * s(x) * [ (u - v e)/(1 + e) + gamma (u - v) r ce ], s = sign(x),
-// since p - y = s (u - v e)/(1 + e) and 1 - 2y = s (u - v). At u + v e = 0 (q = 0) r's limit is 1.
+// since p - y = s (u - v e)/(1 + e) and 1 - 2y = s (u - v). u + v e = 0 (q = 0) only where e
+// underflows on a hard target (u = 0, v = 1); there ce = 0 and both terms vanish, so any finite r
+// (and q^gamma) will do.
 //
 // Softmax focal (per row, class-index target t): lp = log p_t = x_t - lse, q = -expm1(lp),
 //   L = -alpha_t q^gamma lp,   dL/dx_j = dL/dlp * ([j == t] - p_j).
 // dL/dlp = -alpha_t [ q^gamma - gamma q^(gamma-1) p_t lp ] = -alpha_t q^gamma [1 - gamma p_t (lp/q)]
 // and lp/q = log(1-q)/q lies in (-inf, -1], -> -1 as q -> 0: q^(gamma-1) is never formed. With
 // A = -dL/dlp >= 0 the gradient has cross-entropy's shape: A p_j off the target, -A q on it.
-// The row's log-sum-exp is cross-entropy's OnlineLSE (common.h).
+// The row's log-sum-exp is cross-entropy's OnlineLSE (common.h); (N, C, H, W) inputs are swept
+// by spatial tiles instead (softmax_focal_tiles).
+//
 // Without trapping math gcc can if-convert the float compares and divisions in the loops below
 // (a NaN compare might otherwise raise FE_INVALID) and vectorise them for AVX2 too; nothing here
 // reads FP exception flags.

@@ -108,7 +108,7 @@ def _softmax_focal_fwd_kernel(
     s = tl.zeros((), ACC)
     for off in range(0, C, BLOCK):
         cols = off + tl.arange(0, BLOCK)
-        x = tl.load(x_row + cols * stride_xc, mask=cols < c_read, other=0.0).to(ACC)
+        x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=cols < c_read, other=0.0).to(ACC)
         m, s = online_lse_step(m, s, tl.where(cols < C, x, float("-inf")))
     lse = tl.where(valid, m + tl.log(s), 0.0)  # ignored rows: keep exp(x - lse) finite
     x_t = tl.load(x_row + t_safe * stride_xc).to(ACC)
@@ -126,9 +126,9 @@ def _softmax_focal_fwd_kernel(
         g_row = G + n * stride_gn + d * stride_gd
         for off in range(0, C, BLOCK):
             cols = off + tl.arange(0, BLOCK)
-            x = tl.load(x_row + cols * stride_xc, mask=cols < c_read, other=0.0).to(ACC)
+            x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=cols < c_read, other=0.0).to(ACC)
             g = tl.where(cols == t_safe, -a * q, a * tl.exp(x - lse))
-            tl.store(g_row + cols * stride_gc, g.to(G.dtype.element_ty), mask=cols < C)
+            tl.store(g_row + cols.to(tl.int64) * stride_gc, g.to(G.dtype.element_ty), mask=cols < C)
 
 
 def softmax_focal_fwd(logits, target, alpha, grad_scale, ignore_index, gamma, compute_grad):
