@@ -5,8 +5,8 @@
 Sigmoid focal on a RetinaNet-like shape (anchors x 80 classes, reduction 'sum' / num_pos, as
 detectors use it); softmax focal on a segmentation shape (N, 19, H, W). The torchvision formula is
 written out here (torchvision.ops.sigmoid_focal_loss); the softmax baseline ("eager formula" in
-the softmax rows) is the usual eager form over log_softmax. GB/s counts one read of the inputs (and targets) and one write of the
-gradient.
+the softmax rows) is the usual eager form over log_softmax. GB/s counts one read of the inputs
+(and targets) and one write of the gradient.
 """
 import os
 import sys
@@ -90,10 +90,12 @@ def main():
     providers = {
         "fusedloss": lambda i: _common.fwd_bwd(lambda: fused(i), i[0]),
         "eager formula": lambda i: _common.fwd_bwd(lambda: eager(i), i[0]),
-        "torch.compile": lambda i: _common.fwd_bwd(lambda: eager(i, tv_compiled, sm_compiled), i[0]),
+        "torch.compile": lambda i: _common.fwd_bwd(lambda: eager(i, tv_compiled, sm_compiled),
+                                                   i[0]),
     }
     name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
-    cases = [(f"sigmoid {b}x{a}x{c} {name(dt)}", make_sig(b, a, c, dt)) for b, a, c, dt in sig_shapes]
+    cases = [(f"sigmoid {b}x{a}x{c} {name(dt)}", make_sig(b, a, c, dt))
+             for b, a, c, dt in sig_shapes]
     cases += [(f"softmax {n}x{c}x{h}x{w} {name(dt)}", make_seg(n, c, h, w, dt))
               for n, c, h, w, dt in seg_shapes]
 

@@ -15,7 +15,8 @@
 //
 // Softmax focal (per row, class-index target t): lp = log p_t = x_t - lse, q = -expm1(lp),
 //   L = -alpha_t q^gamma lp,   dL/dx_j = dL/dlp * ([j == t] - p_j).
-// dL/dlp = -alpha_t [ q^gamma - gamma q^(gamma-1) p_t lp ] = -alpha_t q^gamma [1 - gamma p_t (lp/q)]
+// dL/dlp = -alpha_t [ q^gamma - gamma q^(gamma-1) p_t lp ]
+//        = -alpha_t q^gamma [1 - gamma p_t (lp/q)]
 // and lp/q = log(1-q)/q lies in (-inf, -1], -> -1 as q -> 0: q^(gamma-1) is never formed. With
 // A = -dL/dlp >= 0 the gradient has cross-entropy's shape: A p_j off the target, -A q on it.
 // The row's log-sum-exp is cross-entropy's OnlineLSE (common.h); (N, C, H, W) inputs are swept
@@ -38,6 +39,10 @@
 namespace fusedloss {
 namespace {
 
+// The per-block math is forced inline into each FL_MULTIVERSION clone, so that each ISA gets its
+// own vectorised loop (a call would stay baseline x86-64).
+#define FOCAL_INLINE __attribute__((always_inline)) inline
+
 // Elements per partial sum when the sigmoid loss is reduced (kernels/focal.py CHUNK).
 constexpr int64_t kChunk = 4096;
 
@@ -47,10 +52,9 @@ enum PowMode { kPow, kZero, kSquare };
 
 // Written without branches around divisions or comparisons, which gcc would not if-convert
 // (they may trap), so that the loop vectorises.
-// (always_inline: inlined into each FL_MULTIVERSION clone, so that each ISA gets its own loop)
 template <PowMode kMode, bool kGrad, typename T>
-__attribute__((always_inline)) inline T sigmoid_focal_impl(const T* x, const T* y, int64_t n, T alpha, T gamma, T scale, T* loss,
-                            T* g) {
+FOCAL_INLINE T sigmoid_focal_impl(const T* x, const T* y, int64_t n, T alpha, T gamma, T scale,
+                                T* loss, T* g) {
   T total = 0;
 #pragma omp simd reduction(+ : total)
   for (int64_t i = 0; i < n; ++i) {
@@ -80,15 +84,17 @@ __attribute__((always_inline)) inline T sigmoid_focal_impl(const T* x, const T* 
 }
 
 template <PowMode kMode, typename T>
-__attribute__((always_inline)) inline T sigmoid_focal_grad_or_not(const T* x, const T* y, int64_t n, T alpha, T gamma, T scale,
-                                   T* loss, T* g) {
+FOCAL_INLINE T sigmoid_focal_grad_or_not(const T* x, const T* y, int64_t n, T alpha, T gamma,
+                                       T scale, T* loss, T* g) {
   return g ? sigmoid_focal_impl<kMode, true>(x, y, n, alpha, gamma, scale, loss, g)
            : sigmoid_focal_impl<kMode, false>(x, y, n, alpha, gamma, scale, loss, g);
 }
 template <typename T>
-__attribute__((always_inline)) inline T sigmoid_focal_dispatch(const T* x, const T* y, int64_t n, T alpha, T gamma, T scale,
-                                T* loss, T* g) {
-  if (gamma == T(2)) return sigmoid_focal_grad_or_not<kSquare>(x, y, n, alpha, gamma, scale, loss, g);
+FOCAL_INLINE T sigmoid_focal_dispatch(const T* x, const T* y, int64_t n, T alpha, T gamma,
+                                    T scale, T* loss, T* g) {
+  if (gamma == T(2)) {
+    return sigmoid_focal_grad_or_not<kSquare>(x, y, n, alpha, gamma, scale, loss, g);
+  }
   if (gamma == T(0)) return sigmoid_focal_grad_or_not<kZero>(x, y, n, alpha, gamma, scale, loss, g);
   return sigmoid_focal_grad_or_not<kPow>(x, y, n, alpha, gamma, scale, loss, g);
 }
@@ -103,7 +109,7 @@ double sigmoid_focal_block(const double* x, const double* y, int64_t n, double a
 
 // g = a * exp(x - shift): the softmax gradient off the target column.
 template <typename T>
-__attribute__((always_inline)) inline void scaled_softmax_impl(const T* x, int64_t n, T shift, T a, T* g) {
+FOCAL_INLINE void scaled_softmax_impl(const T* x, int64_t n, T shift, T a, T* g) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) g[i] = a * fast_exp(x[i] - shift);
 }
@@ -117,17 +123,17 @@ void scaled_softmax_block(const double* x, int64_t n, double shift, double a, do
 
 // Spatial tiles (see softmax_focal_tiles): the same three sweeps, one lane per pixel.
 template <typename T>
-__attribute__((always_inline)) inline void tile_max_impl(const T* x, int64_t n, T* m) {
+FOCAL_INLINE void tile_max_impl(const T* x, int64_t n, T* m) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) m[i] = std::max(m[i], x[i]);
 }
 template <typename T>
-__attribute__((always_inline)) inline void tile_sum_exp_impl(const T* x, int64_t n, const T* m, T* s) {
+FOCAL_INLINE void tile_sum_exp_impl(const T* x, int64_t n, const T* m, T* s) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) s[i] += fast_exp(x[i] - m[i]);
 }
 template <typename T>
-__attribute__((always_inline)) inline void tile_grad_impl(const T* x, int64_t n, const T* lse, const T* a, T* g) {
+FOCAL_INLINE void tile_grad_impl(const T* x, int64_t n, const T* lse, const T* a, T* g) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) g[i] = a[i] * fast_exp(x[i] - lse[i]);
 }
@@ -139,7 +145,8 @@ FL_MULTIVERSION void tile_sum_exp(const float* x, int64_t n, const float* m, flo
 void tile_sum_exp(const double* x, int64_t n, const double* m, double* s) {
   tile_sum_exp_impl(x, n, m, s);
 }
-FL_MULTIVERSION void tile_grad(const float* x, int64_t n, const float* lse, const float* a, float* g) {
+FL_MULTIVERSION void tile_grad(const float* x, int64_t n, const float* lse, const float* a,
+                               float* g) {
   tile_grad_impl(x, n, lse, a, g);
 }
 void tile_grad(const double* x, int64_t n, const double* lse, const double* a, double* g) {
@@ -174,7 +181,8 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_fwd(const at::Tensor& input,
   TORCH_CHECK(input.is_contiguous() && target.is_contiguous() &&
                   target.scalar_type() == input.scalar_type() &&
                   target.sizes() == input.sizes(),
-              "fusedloss::sigmoid_focal: input and target must be contiguous, of one shape and dtype");
+              "fusedloss::sigmoid_focal: input and target must be contiguous, of one shape and "
+              "dtype");
   TORCH_CHECK(gamma >= 0, "fusedloss::sigmoid_focal: gamma must be >= 0");
   TORCH_CHECK(!grad_scale.has_value() || grad_scale->numel() == 1,
               "fusedloss::sigmoid_focal: grad_scale must be a scalar");
@@ -184,7 +192,8 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_fwd(const at::Tensor& input,
   at::Tensor loss = reduce ? at::empty({chunks}, opts) : at::empty(input.sizes(), opts);
   at::Tensor grad = compute_grad ? at::empty(input.sizes(), input.options())
                                  : at::empty({0}, input.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedloss_sfl", [&] {
+  const auto dtype = input.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedloss_sfl", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* xp = input.const_data_ptr<scalar_t>();
     const scalar_t* yp = target.const_data_ptr<scalar_t>();
@@ -314,7 +323,8 @@ void softmax_focal_tiles(const at::Tensor& x, const int64_t* tgt, const acc_t* a
           continue;
         }
         const FocalRow<acc_t> f = focal_row(m[i], static_cast<acc_t>(xt[t * sC + i]),
-                                            alpha ? alpha[t] : acc_t(1), gamma, scale, g != nullptr);
+                                            alpha ? alpha[t] : acc_t(1), gamma, scale,
+                                            g != nullptr);
         loss[r] = f.loss;
         a[i] = f.a;
         s[i] = f.q;  // s now holds q
@@ -357,7 +367,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_fwd(const at::Tensor& logits,
   at::Tensor grad = compute_grad ? at::empty(logits.sizes(), logits.options())
                                  : at::empty({0}, logits.options());
   std::atomic<int64_t> bad{std::numeric_limits<int64_t>::min()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fusedloss_smfl", [&] {
+  const auto dtype = logits.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedloss_smfl", [&] {
     using acc_t = acc_type<scalar_t>;
     // Spatial tiles where pixels are contiguous (and the gradient is written alike).
     const bool tiles = logits.size(2) > 1 && logits.stride(2) == 1 &&
@@ -370,7 +381,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_fwd(const at::Tensor& logits,
         compute_grad ? grad.strides() : at::IntArrayRef(), loss.data_ptr<acc_t>(), bad);
   });
   const int64_t b = bad.load();
-  TORCH_CHECK_INDEX(b == std::numeric_limits<int64_t>::min(), "fusedloss.softmax_focal_loss: target ",
+  TORCH_CHECK_INDEX(b == std::numeric_limits<int64_t>::min(),
+                    "fusedloss.softmax_focal_loss: target ",
                     b, " is out of bounds for ", logits.size(1), " classes");
   return {loss, grad};
 }

@@ -135,7 +135,8 @@ def sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: float = 2.0,
                 raise ValueError(f"normalizer must be >= 0, got {normalizer!r}")
             normalizer = torch.tensor(float(normalizer), device=inputs.device)
         else:
-            raise TypeError(f"normalizer must be a number or a tensor, got {type(normalizer).__name__}")
+            raise TypeError(f"normalizer must be a number or a tensor, "
+                            f"got {type(normalizer).__name__}")
     check_same_device("inputs", inputs, targets=targets)
     return _SigmoidFocal.apply(inputs, targets, float(alpha), gamma, reduction, normalizer)
 

@@ -3,7 +3,8 @@ per row). Same contracts and formulas as csrc/focal.cpp.
 
 Sigmoid, with e = exp(-|x|), u = 1-y (x >= 0) or y (x < 0), v = 1 - u, s = sign(x):
   ce = |x| u + log1p(e),  q = 1 - p_t = (u + v e)/(1 + e),  L = alpha_t ce q^gamma
-  dL/dx = alpha_t q^gamma s [ (u - v e)/(1 + e) + gamma (u - v) r ce ],  r = p(1-p)/q = e/((1+e)(u+v e))
+  dL/dx = alpha_t q^gamma s [ (u - v e)/(1 + e) + gamma (u - v) r ce ],
+  r = p(1-p)/q = e/((1+e)(u+v e))
   (r in [0, 1], limit 1 at q = 0), which is gamma q^(gamma-1) dq/dx without forming q^(gamma-1).
 Softmax, lp = x_t - lse, q = -expm1(lp), L = -alpha_t q^gamma lp:
   dL/dx_j = A (p_j - [j == t]),  A = alpha_t q^gamma (1 - gamma p_t lp/q),  lp/q -> -1 as q -> 0
@@ -23,7 +24,8 @@ CHUNK = 4096
 def _pow_gamma(q, gamma):
     """q^gamma for q in [0, 1], gamma >= 0, with 0^0 = 1 (and no 0 * log(0) formed)."""
     pos = q > 0
-    return tl.where(pos, tl.exp(gamma * tl.log(tl.where(pos, q, 1.0))), tl.where(gamma == 0.0, 1.0, 0.0))
+    at_zero = tl.where(gamma == 0.0, 1.0, 0.0)
+    return tl.where(pos, tl.exp(gamma * tl.log(tl.where(pos, q, 1.0))), at_zero)
 
 
 @triton.jit
@@ -126,7 +128,8 @@ def _softmax_focal_fwd_kernel(
         g_row = G + n * stride_gn + d * stride_gd
         for off in range(0, C, BLOCK):
             cols = off + tl.arange(0, BLOCK)
-            x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=cols < c_read, other=0.0).to(ACC)
+            x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=cols < c_read,
+                        other=0.0).to(ACC)
             g = tl.where(cols == t_safe, -a * q, a * tl.exp(x - lse))
             tl.store(g_row + cols.to(tl.int64) * stride_gc, g.to(G.dtype.element_ty), mask=cols < C)
 

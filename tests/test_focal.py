@@ -34,7 +34,7 @@ def tv_sigmoid(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
 
 
 def stable_sigmoid(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
-    """The same loss with 1 - p_t = y sigmoid(-x) + (1 - y) sigmoid(x) (float64, no cancellation)."""
+    """The same loss with 1 - p_t = y sigmoid(-x) + (1 - y) sigmoid(x): float64, no cancellation."""
     q = targets * torch.sigmoid(-inputs) + (1 - targets) * torch.sigmoid(inputs)
     loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none") * q ** gamma
     if alpha >= 0:
@@ -199,7 +199,8 @@ def test_sigmoid_module_and_empty(backend):
     x, y = blocks(backend.device, torch.float32)
     mod = fusedloss.SigmoidFocalLoss(alpha=0.5, gamma=1.0)
     assert "alpha=0.5" in repr(mod)
-    compare(lambda z: mod(z, y), lambda z: tv_sigmoid(z, y.double(), 0.5, 1.0, "mean"), x, rtol=1e-5)
+    compare(lambda z: mod(z, y), lambda z: tv_sigmoid(z, y.double(), 0.5, 1.0, "mean"), x,
+            rtol=1e-5)
     e = torch.zeros(0, 80, device=backend.device, requires_grad=True)
     t = torch.zeros(0, 80, device=backend.device)
     assert sigmoid_focal_loss(e, t, reduction="sum").item() == 0
@@ -247,14 +248,16 @@ def test_softmax_gamma0_is_cross_entropy(backend, reduction):
     for alpha in (None, w):
         xa = x.clone().requires_grad_(True)
         xb = x.clone().requires_grad_(True)
-        out = softmax_focal_loss(xa, t, gamma=0.0, alpha=alpha, ignore_index=-1, reduction=reduction)
+        out = softmax_focal_loss(xa, t, gamma=0.0, alpha=alpha, ignore_index=-1,
+                                 reduction=reduction)
         ref = cross_entropy(xb, t, weight=alpha, ignore_index=-1, reduction=reduction)
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
         go = torch.randn_like(ref)
         torch.testing.assert_close(torch.autograd.grad(out, xa, go)[0],
                                    torch.autograd.grad(ref, xb, go)[0], rtol=1e-6, atol=1e-7)
         # and torch's own cross_entropy, in float64
-        compare(lambda z: softmax_focal_loss(z, t, 0.0, alpha, ignore_index=-1, reduction=reduction),
+        compare(lambda z: softmax_focal_loss(z, t, 0.0, alpha, ignore_index=-1,
+                                             reduction=reduction),
                 lambda z: F.cross_entropy(z, t, None if alpha is None else alpha.double(),
                                           ignore_index=-1, reduction=reduction), x, rtol=1e-5)
     # scalar alpha: cross_entropy with weight = alpha for every class
@@ -300,8 +303,11 @@ def test_softmax_segmentation_tiles(reduction):
     t = torch.randint(0, 3, (2, 17, 31), generator=g)
     t[0, :5] = 255
     alpha = torch.rand(3, generator=g, dtype=torch.float64)
-    ref = lambda z: stable_softmax(z.movedim(1, -1).reshape(-1, 3), t.reshape(-1), 2.0, alpha,  # noqa
-                                   255, reduction)
+
+    def ref(z):
+        return stable_softmax(z.movedim(1, -1).reshape(-1, 3), t.reshape(-1), 2.0, alpha, 255,
+                              reduction)
+
     compare(lambda z: softmax_focal_loss(z, t, 2.0, alpha, 255, reduction),
             lambda z: ref(z).reshape(t.shape) if reduction == "none" else ref(z), x)
     # and in fp32, read through a channels-last layout (the row path)
@@ -400,7 +406,8 @@ def test_reference_backend_matches(monkeypatch):
         monkeypatch.setattr(_backend, "_ENV", env)
         xa = x.clone().requires_grad_(True)
         la = sigmoid_focal_loss(xa, y, 0.25, 0.5, "sum")
-        lb = softmax_focal_loss(xa, t, 0.5, torch.rand(6, generator=torch.Generator().manual_seed(0)))
+        alpha = torch.rand(6, generator=torch.Generator().manual_seed(0))
+        lb = softmax_focal_loss(xa, t, 0.5, alpha)
         outs[env] = (la, lb, torch.autograd.grad(la + lb, xa)[0])
     for a, b in zip(outs["cpp"], outs["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
