@@ -153,6 +153,48 @@ void tile_grad(const double* x, int64_t n, const double* lse, const double* a, d
   tile_grad_impl(x, n, lse, a, g);
 }
 
+// The per-pixel terms of a tile, vectorised: the same as focal_row below, from the running max m
+// and sum s, x at the target xt and alpha_t at (0 for ignored pixels). m becomes the lse, s the q.
+// expm1 by Kahan's (u - 1) lp / log(u), u = exp(lp), where |lp| < 0.5 (else u - 1 is exact
+// enough); logs of values clamped to the smallest normal keep gamma = 0 and q = 0 finite.
+template <bool kSquare, typename T>
+FOCAL_INLINE void tile_terms_impl(int64_t n, const T* xt, const T* at, T gamma, T scale, T* m,
+                                  T* s, T* loss, T* a) {
+  constexpr T tiny = std::numeric_limits<T>::min();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T lse = m[i] + fast_log(s[i]);
+    const T lp = std::min(xt[i] - lse, T(0));
+    const T u = fast_exp(lp);  // p_t
+    const T lu = fast_log(std::max(u, tiny));
+    const T kahan = u == T(1) ? lp : (u - T(1)) * lp / (lu == T(0) ? T(1) : lu);
+    const T q = -(std::abs(lp) < T(0.5) ? kahan : u - T(1));
+    const T qg = kSquare ? q * q : fast_exp(gamma * fast_log(std::max(q, tiny)));
+    const T ratio = q > 0 ? lp / (q > 0 ? q : T(1)) : T(-1);  // log(1-q)/q -> -1 as q -> 0
+    m[i] = lse;
+    s[i] = q;
+    loss[i] = -at[i] * qg * lp;
+    a[i] = scale * at[i] * qg * (T(1) - gamma * u * ratio);
+  }
+}
+template <typename T>
+FOCAL_INLINE void tile_terms_dispatch(int64_t n, const T* xt, const T* at, T gamma, T scale, T* m,
+                                      T* s, T* loss, T* a) {
+  if (gamma == T(2)) {
+    tile_terms_impl<true>(n, xt, at, gamma, scale, m, s, loss, a);
+  } else {
+    tile_terms_impl<false>(n, xt, at, gamma, scale, m, s, loss, a);
+  }
+}
+FL_MULTIVERSION void tile_terms(int64_t n, const float* xt, const float* at, float gamma,
+                                float scale, float* m, float* s, float* loss, float* a) {
+  tile_terms_dispatch(n, xt, at, gamma, scale, m, s, loss, a);
+}
+void tile_terms(int64_t n, const double* xt, const double* at, double gamma, double scale,
+                double* m, double* s, double* loss, double* a) {
+  tile_terms_dispatch(n, xt, at, gamma, scale, m, s, loss, a);
+}
+
 // One row's focal terms from its lse and target logit (see the header): the loss, and
 // A = scale * alpha_t q^gamma (1 - gamma p_t lp/q) with q; the gradient is A p_j off the target
 // and -A q on it.
@@ -277,8 +319,8 @@ void softmax_focal_rows(const at::Tensor& x, const int64_t* tgt, const acc_t* al
 // Logits [N, C, D] with D > 1 and unit spatial stride (segmentation, (N, C, H, W)): a row is C
 // values D apart, so row by row every load is a gather and the per-row overhead dominates small C.
 // Instead a tile of kTile pixels is swept class by class over contiguous memory, one lane per
-// pixel: max, then sum of exp(x - max) (the tile stays in cache), then per pixel the row terms,
-// then the gradient class by class. Same math as the rows above.
+// pixel: max, then sum of exp(x - max) (the tile stays in cache), then per pixel the row terms
+// (tile_terms), then the gradient class by class. Same math as the rows above.
 constexpr int64_t kTile = 256;
 
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
@@ -293,7 +335,7 @@ void softmax_focal_tiles(const at::Tensor& x, const int64_t* tgt, const acc_t* a
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C * kTile, 1));
 
   at::parallel_for(0, N * tiles_per_n, grain, [&](int64_t begin, int64_t end) {
-    acc_t buf[kTile], m[kTile], s[kTile], a[kTile], gbuf[kTile];
+    acc_t buf[kTile], m[kTile], s[kTile], a[kTile], gbuf[kTile], xv[kTile], av[kTile];
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n = tile / tiles_per_n, d0 = (tile % tiles_per_n) * kTile;
       const int64_t S = std::min(kTile, D - d0);
@@ -308,27 +350,19 @@ void softmax_focal_tiles(const at::Tensor& x, const int64_t* tgt, const acc_t* a
         load_block(xt + c * sC, 1, S, buf);
         tile_sum_exp(buf, S, m, s);
       }
-      for (int64_t i = 0; i < S; ++i) {
-        const int64_t r = n * D + d0 + i;
-        const int64_t t = tgt[r];
-        const bool valid = t != ignore_index;
-        if (valid && !(t >= 0 && t < C)) {
+      const int64_t r0 = n * D + d0;
+      for (int64_t i = 0; i < S; ++i) {  // gather x and alpha at the targets
+        const int64_t t = tgt[r0 + i];
+        const bool in_range = t >= 0 && t < C;
+        if (t != ignore_index && !in_range) {
           int64_t none = std::numeric_limits<int64_t>::min();
           bad.compare_exchange_strong(none, t);  // reported after the loop, as an IndexError
         }
-        m[i] += std::log(s[i]);  // m now holds the lse
-        if (!valid || t < 0 || t >= C) {
-          loss[r] = 0;
-          a[i] = 0;  // a zero gradient for the whole pixel
-          continue;
-        }
-        const FocalRow<acc_t> f = focal_row(m[i], static_cast<acc_t>(xt[t * sC + i]),
-                                            alpha ? alpha[t] : acc_t(1), gamma, scale,
-                                            g != nullptr);
-        loss[r] = f.loss;
-        a[i] = f.a;
-        s[i] = f.q;  // s now holds q
+        const bool valid = in_range && t != ignore_index;
+        xv[i] = valid ? static_cast<acc_t>(xt[t * sC + i]) : acc_t(0);
+        av[i] = valid ? (alpha ? alpha[t] : acc_t(1)) : acc_t(0);  // 0: no loss, no gradient
       }
+      tile_terms(S, xv, av, gamma, scale, m, s, loss + r0, a);  // m := lse, s := q
       if (!g) continue;
       scalar_t* gt = g + n * gN + d0;
       for (int64_t c = 0; c < C; ++c) {
