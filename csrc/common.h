@@ -24,7 +24,10 @@ constexpr int64_t kBlock = 1024;
 // The hot loops are compiled for AVX-512, AVX2 and baseline x86-64; the loader picks one at run
 // time, so the wheel stays portable and still uses wide vectors where the CPU has them.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FL_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+// flatten: everything a clone calls (fast_exp, fast_log, the per-block templates) is inlined into
+// it, so compiled for its ISA and vectorised with it; left to gcc's inliner, such calls stay out
+// of line (baseline x86-64, a scalar loop) once a file has many instantiations.
+#define FL_MULTIVERSION __attribute__((flatten, target_clones("avx512f", "avx2", "default")))
 #else
 #define FL_MULTIVERSION
 #endif
@@ -32,7 +35,7 @@ constexpr int64_t kBlock = 1024;
 // exp(x) in fp32 that gcc vectorises (std::exp is not, without -ffast-math). Cephes' expf:
 // x = n*ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r, 2^n built in the exponent bits.
 // About 1 ulp; exp(x) for x < -87.3 flushes to 0 (below FLT_MIN); NaN propagates.
-__attribute__((always_inline)) static inline float fast_exp(float x) {
+static inline float fast_exp(float x) {
   const float xc = std::min(std::max(x, -87.33f), 88.37f);
   const float n = std::nearbyint(xc * 1.44269504088896341f);
   float r = xc - n * 0.693359375f;
