@@ -26,7 +26,7 @@ constexpr int64_t kElemChunk = 4 * kBlock;
 
 // The per-block math is forced inline into each FL_MULTIVERSION clone so that it is compiled for
 // that clone's ISA; left as a call it stays baseline x86-64, where std::nearbyint (fast_exp) is a
-// libcall and the loop does not vectorise. The kernel files also set no-trapping-math (see there).
+// libcall and the loop does not vectorise. (setup.py also sets -fno-trapping-math, for the selects.)
 #if defined(__GNUC__)
 #define FL_ALWAYS_INLINE __attribute__((always_inline)) inline
 #else

@@ -21,13 +21,7 @@
 // A = -dL/dlp >= 0 the gradient has cross-entropy's shape: A p_j off the target, -A q on it.
 // The row's log-sum-exp is cross-entropy's OnlineLSE (common.h); (N, C, H, W) inputs are swept
 // by spatial tiles instead (softmax_focal_tiles).
-//
-// Without trapping math gcc can if-convert the float compares and divisions in the loops below
-// (a NaN compare might otherwise raise FE_INVALID) and vectorise them for AVX2 too; nothing here
-// reads FP exception flags.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
+
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 

@@ -5,11 +5,6 @@
 // Huber(delta): t = delta, k = 1, m = delta.  SmoothL1(beta): t = beta, k = 1/beta, m = 1;
 // beta = 0 never takes the quadratic branch (|d| < 0 is false), so it is exact L1 (k = 0 then,
 // never 1/0). The factors are fp32 (fp64 for fp64 inputs).
-// Without trapping math gcc may if-convert the float compares of fast_exp / fast_log (a NaN compare
-// could raise FE_INVALID otherwise) and vectorise the loop; nothing here reads FP exception flags.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
 #include <torch/library.h>
 
 #include "elementwise.h"
