@@ -28,6 +28,28 @@ def check_same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
+def class_count(input) -> int:
+    """C of a floating input of shape (C,), (N, C) or (N, C, d1, ..., dk)."""
+    check_tensor("input", input)
+    if input.dim() == 0:
+        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ..., dk); got a scalar")
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if n_classes < 1:
+        raise ValueError(f"input must have at least one class, got shape {tuple(input.shape)}")
+    return n_classes
+
+
+def check_index_target(input: torch.Tensor, target: torch.Tensor, alternative: str = "") -> None:
+    """Class-index target: int64 (or uint8, as torch) of shape (N, d1, ..., dk), () for (C,)."""
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise TypeError(f"target must hold int64 (or uint8) class indices{alternative}, "
+                        f"got {target.dtype}")
+    expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    if target.shape != expected:
+        raise ValueError(f"target must have shape {tuple(expected)} for input of shape "
+                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+
+
 def check_class_targets(fn: str, target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
     """Raise IndexError for a class index outside [0, C) that is not ignore_index.
 

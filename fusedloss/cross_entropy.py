@@ -8,8 +8,8 @@ Probability targets take a plain-PyTorch path (fp32 math).
 import torch
 
 from . import _backend, reference
-from ._common import (check_class_targets, check_same_device, check_tensor, reduce_loss,
-                      resolve_reduction)
+from ._common import (check_class_targets, check_index_target, check_same_device, check_tensor,
+                      class_count, reduce_loss, resolve_reduction)
 from .reference import acc_dtype
 
 _FN = "fusedloss.cross_entropy"
@@ -159,13 +159,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     contribute 0 instead of raising).
     """
     reduction = resolve_reduction(reduction, size_average, reduce)
-    check_tensor("input", input)
+    n_classes = class_count(input)
     check_tensor("target", target, floating=False)
-    if input.dim() == 0:
-        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ..., dk); got a scalar")
-    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-    if n_classes < 1:
-        raise ValueError(f"input must have at least one class, got shape {tuple(input.shape)}")
     if weight is not None:
         check_tensor("weight", weight)
         if weight.dim() != 1 or weight.numel() != n_classes:
@@ -182,13 +177,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
             raise ValueError(f"probability target must have the input's shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
         return _cross_entropy_probs(input, target, weight, reduction, label_smoothing, z_loss)
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise TypeError(f"target must hold int64 (or uint8) class indices or floating-point "
-                        f"probabilities, got {target.dtype}")
-    expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
-    if target.shape != expected:
-        raise ValueError(f"target must have shape {tuple(expected)} for input of shape "
-                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    check_index_target(input, target, " or floating-point probabilities")
     if inplace_backward and input.requires_grad and input.is_leaf:
         raise ValueError("inplace_backward=True overwrites input with its gradient, which cannot "
                          "be done to a leaf tensor that requires grad")

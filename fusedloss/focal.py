@@ -11,8 +11,8 @@ import numbers
 import torch
 
 from . import _backend, reference
-from ._common import (check_class_targets, check_same_device, check_tensor, reduce_loss,
-                      resolve_reduction)
+from ._common import (check_class_targets, check_index_target, check_same_device, check_tensor,
+                      class_count, reduce_loss, resolve_reduction)
 from .cross_entropy import _rows3d
 from .reference import acc_dtype
 
@@ -201,19 +201,9 @@ def softmax_focal_loss(input, target, gamma: float = 2.0, alpha=None, ignore_ind
     Target range: checked on every backend; on CUDA in eager mode only (as cross_entropy).
     """
     reduction = resolve_reduction(reduction)
-    check_tensor("input", input)
+    n_classes = class_count(input)
     check_tensor("target", target, floating=False)
-    if input.dim() == 0:
-        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ..., dk); got a scalar")
-    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-    if n_classes < 1:
-        raise ValueError(f"input must have at least one class, got shape {tuple(input.shape)}")
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise TypeError(f"target must hold int64 (or uint8) class indices, got {target.dtype}")
-    expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
-    if target.shape != expected:
-        raise ValueError(f"target must have shape {tuple(expected)} for input of shape "
-                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    check_index_target(input, target)
     gamma = _check_gamma(gamma)
     if alpha is not None:
         if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):

@@ -1,9 +1,9 @@
 """The functional API, mirroring torch.nn.functional / torchvision.ops signatures."""
-from .cross_entropy import cross_entropy
-from .focal import sigmoid_focal_loss, softmax_focal_loss
-from .distributed import vocab_parallel_cross_entropy
 from .bce import binary_cross_entropy_with_logits
+from .cross_entropy import cross_entropy
+from .distributed import vocab_parallel_cross_entropy
+from .focal import sigmoid_focal_loss, softmax_focal_loss
 from .huber import huber_loss, smooth_l1_loss
 
-__all__ = ["cross_entropy", "sigmoid_focal_loss", "softmax_focal_loss", "vocab_parallel_cross_entropy",
-           "binary_cross_entropy_with_logits", "huber_loss", "smooth_l1_loss"]
+__all__ = ["cross_entropy", "binary_cross_entropy_with_logits", "huber_loss", "smooth_l1_loss",
+           "sigmoid_focal_loss", "softmax_focal_loss", "vocab_parallel_cross_entropy"]
