@@ -56,6 +56,18 @@ def backend_for(t: torch.Tensor) -> str:
     return "op" if HAS_CPP and t.device.type == "cpu" else "reference"
 
 
+def impl(backend: str, triton_module, name: str):
+    """The callable for op `name` on a backend: torch.ops.fusedloss.<name>, the Triton launcher
+    triton_module.<name>, or fusedloss.reference.<name>; all three share names and signatures."""
+    if backend == "op":
+        return getattr(torch.ops.fusedloss, name)
+    if backend == "triton":
+        return getattr(triton_module, name)
+    from . import reference
+
+    return getattr(reference, name)
+
+
 def register_triton(op_name: str, launcher) -> None:
     """Register a Triton launcher as the CUDA kernel of a C++-declared op."""
     if HAS_CPP and HAS_TRITON:

@@ -10,7 +10,7 @@ reduced in fp32); backward re-reads the inputs and returns the gradients with gr
 """
 import torch
 
-from . import _backend, reference
+from . import _backend
 from .reference import acc_dtype
 
 REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
@@ -19,13 +19,6 @@ REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 #   fwd(backend, x, y, w, pw, params, reduction) -> loss
 #   bwd(backend, grad_out, x, y, w, pw, params, reduction, grad_input, grad_target) -> (gx, gy)
 IMPLS = {}
-
-
-def backend_impl(backend, triton_module, op):
-    """The callable for op ("bce_fwd", ...) on a backend; the three share names and signatures."""
-    if backend == "op":
-        return getattr(torch.ops.fusedloss, op)
-    return getattr(triton_module if backend == "triton" else reference, op)
 
 
 def view4(*tensors):

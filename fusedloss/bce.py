@@ -10,7 +10,7 @@ import torch
 
 from . import _backend
 from ._common import check_same_device, check_tensor, resolve_reduction
-from ._elementwise import IMPLS, backend_impl, ElementwiseLoss, fake_bwd, fake_fwd
+from ._elementwise import IMPLS, ElementwiseLoss, fake_bwd, fake_fwd
 
 if _backend.HAS_TRITON:
     from fusedloss.kernels import bce as _tk
@@ -34,7 +34,7 @@ if _backend.HAS_CPP:
 
 
 def _impl(backend, op):
-    return backend_impl(backend, _tk, op)
+    return _backend.impl(backend, _tk, op)
 
 
 IMPLS["bce"] = (

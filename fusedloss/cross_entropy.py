@@ -7,7 +7,7 @@ Probability targets take a plain-PyTorch path (fp32 math).
 """
 import torch
 
-from . import _backend, reference
+from . import _backend
 from ._common import (check_class_targets, check_index_target, check_same_device, check_tensor,
                       class_count, reduce_loss, resolve_reduction)
 from .reference import acc_dtype
@@ -41,13 +41,6 @@ if _backend.HAS_CPP:
             _backend.register_triton(_name, getattr(_tk, _name))
 
 
-def _impl(backend: str, name: str):
-    """The callable for an op on a backend; the three share names and signatures."""
-    if backend == "op":
-        return getattr(torch.ops.fusedloss, name)
-    return getattr(_tk if backend == "triton" else reference, name)
-
-
 def _rows3d(input: torch.Tensor) -> torch.Tensor:
     """View input as [N, C, D]: (C,) -> (1, C, 1), (N, C) -> (N, C, 1), (N, C, d1..dk) -> (N, C, D).
 
@@ -72,7 +65,7 @@ def _ce_forward(x3, t, w, ignore_index, label_smoothing, z_loss, check_targets=T
             and _backend.eager_checks_enabled(t)):
         # The C++ kernel checks while it reads; elsewhere check here, in eager mode only.
         check_class_targets(_FN, t, x3.shape[1], ignore_index)
-    return _impl(be, "cross_entropy_fwd")(x3, t, w, ignore_index, label_smoothing, z_loss)
+    return _backend.impl(be, _tk, "cross_entropy_fwd")(x3, t, w, ignore_index, label_smoothing, z_loss)
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -117,10 +110,10 @@ class _CrossEntropy(torch.autograd.Function):
             # The lean path: the logits' memory receives their gradient. The saved input's
             # version changes, so a second backward, or any other backward that saved the
             # logits and runs later, raises instead of reading a gradient as logits.
-            _impl(be, "cross_entropy_bwd_inplace")(scale, x3, t, lse, w, *ctx.options)
+            _backend.impl(be, _tk, "cross_entropy_bwd_inplace")(scale, x3, t, lse, w, *ctx.options)
             torch.autograd.graph.increment_version(input)  # custom ops do not bump it themselves
             return input, None, None, None, None, None, None, None
-        grad = _impl(be, "cross_entropy_bwd")(scale, x3, t, lse, w, *ctx.options)
+        grad = _backend.impl(be, _tk, "cross_entropy_bwd")(scale, x3, t, lse, w, *ctx.options)
         return grad.view(input.shape), None, None, None, None, None, None, None
 
 

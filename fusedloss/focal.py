@@ -10,7 +10,7 @@ import numbers
 
 import torch
 
-from . import _backend, reference
+from . import _backend
 from ._common import (check_class_targets, check_index_target, check_same_device, check_tensor,
                       class_count, reduce_loss, resolve_reduction)
 from .cross_entropy import _rows3d
@@ -46,10 +46,7 @@ if _backend.HAS_CPP:
 
 
 def _impl(name, t):
-    be = _backend.backend_for(t)
-    if be == "op":
-        return getattr(torch.ops.fusedloss, name)
-    return getattr(_tk if be == "triton" else reference, name)
+    return _backend.impl(_backend.backend_for(t), _tk, name)
 
 
 def _check_gamma(gamma):

@@ -10,7 +10,7 @@ import torch
 
 from . import _backend
 from ._common import check_same_device, check_tensor, reduce_loss, resolve_reduction
-from ._elementwise import IMPLS, backend_impl, ElementwiseLoss, broadcast_shape, fake_bwd, fake_fwd
+from ._elementwise import IMPLS, ElementwiseLoss, broadcast_shape, fake_bwd, fake_fwd
 
 if _backend.HAS_TRITON:
     from fusedloss.kernels import huber as _tk
@@ -34,7 +34,7 @@ if _backend.HAS_CPP:
 
 
 def _impl(backend, op):
-    return backend_impl(backend, _tk, op)
+    return _backend.impl(backend, _tk, op)
 
 
 IMPLS["huber"] = (
