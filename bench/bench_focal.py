@@ -18,18 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 import fusedloss  # noqa: E402
-
-
-def tv_sigmoid_focal(inputs, targets, alpha: float = 0.25, gamma: float = 2.0):
-    """torchvision.ops.sigmoid_focal_loss (reduction 'none')."""
-    p = torch.sigmoid(inputs)
-    ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce_loss * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-        loss = alpha_t * loss
-    return loss
+from fusedloss.reference import torchvision_sigmoid_focal_loss as tv_sigmoid_focal  # noqa: E402
 
 
 def eager_softmax_focal(logits, target, gamma: float = 2.0, ignore_index: int = -100):

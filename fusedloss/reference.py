@@ -6,6 +6,7 @@ kernels against these (and against torch itself) in float64; they are also the l
 when the C++ extension is not built.
 """
 import torch
+import torch.nn.functional as F
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -198,3 +199,16 @@ def huber_bwd(grad_out, input, target, weight, delta, smooth_l1, reduction, grad
     """Reference for fusedloss::huber_bwd."""
     loss, gx, gy = _huber_terms(input, target, weight, delta, smooth_l1)
     return _elementwise_result(input, loss, gx, gy, grad_out, reduction, grad_input, grad_target)
+
+
+def torchvision_sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: float = 2.0):
+    """torchvision.ops.sigmoid_focal_loss (reduction 'none'), written out as torchvision does:
+    the eager formula the tests and bench compare with (torchvision is not a dependency)."""
+    p = torch.sigmoid(inputs)
+    ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+        loss = alpha_t * loss
+    return loss

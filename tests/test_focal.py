@@ -1,6 +1,6 @@
 """Focal losses: parity with the torchvision formula and float64 references, on every backend.
 
-torchvision is not a dependency: its sigmoid_focal_loss formula is written out below (tv_sigmoid)
+torchvision is not a dependency: its sigmoid_focal_loss formula is written out (in fusedloss.reference)
 and evaluated in float64 by autograd. For the extreme-logit grid, where that formula loses 1 - p_t
 to rounding, the references compute 1 - p_t (sigmoid) and log p_t (softmax) without cancellation
 and are differentiated by autograd in float64, independently of the kernels' closed forms.
@@ -13,6 +13,7 @@ from torch.library import opcheck
 import fusedloss
 from fusedloss import _backend
 from fusedloss.functional import cross_entropy, sigmoid_focal_loss, softmax_focal_loss
+from fusedloss.reference import torchvision_sigmoid_focal_loss
 
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 GRID = [1e-3, 5.0, 17.0, 20.0, 60.0, 110.0]
@@ -21,14 +22,8 @@ GAMMAS = [0.0, 0.5, 1.0, 2.0, 3.5]
 
 
 def tv_sigmoid(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
-    """torchvision.ops.sigmoid_focal_loss, written out."""
-    p = torch.sigmoid(inputs)
-    ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce_loss * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-        loss = alpha_t * loss
+    """torchvision.ops.sigmoid_focal_loss, written out (fusedloss.reference), with its reductions."""
+    loss = torchvision_sigmoid_focal_loss(inputs, targets, alpha, gamma)
     return {"none": loss, "mean": loss.mean() if loss.numel() else loss.sum() / 0,
             "sum": loss.sum()}[reduction]
 
