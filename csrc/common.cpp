@@ -38,7 +38,35 @@ FL_MULTIVERSION float max_f(const float* x, int64_t n) { return max_impl(x, n); 
 FL_MULTIVERSION float sum_exp_f(const float* x, int64_t n, float s) { return sum_exp_impl(x, n, s); }
 FL_MULTIVERSION float dot_f(const float* x, const float* w, int64_t n) { return dot_impl(x, w, n); }
 
+template <typename H>
+inline void to_acc_impl(const H* src, int64_t n, float* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+template <typename H>
+inline void from_acc_impl(const float* src, int64_t n, H* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<H>(src[i]);
+}
+// float -> bf16, round to nearest even, NaN kept quiet: c10's version tests std::isnan through a
+// branch that stops gcc vectorising; the same rounding in integer selects does not.
+inline void from_acc_impl(const float* src, int64_t n, c10::BFloat16* dst) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    out[i] = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+  }
+}
+
 }  // namespace
+
+FL_MULTIVERSION void to_acc(const c10::BFloat16* s, int64_t n, float* d) { to_acc_impl(s, n, d); }
+FL_MULTIVERSION void to_acc(const c10::Half* s, int64_t n, float* d) { to_acc_impl(s, n, d); }
+FL_MULTIVERSION void from_acc(const float* s, int64_t n, c10::BFloat16* d) { from_acc_impl(s, n, d); }
+FL_MULTIVERSION void from_acc(const float* s, int64_t n, c10::Half* d) { from_acc_impl(s, n, d); }
 
 template <> float block_max(const float* x, int64_t n) { return max_f(x, n); }
 template <> double block_max(const double* x, int64_t n) { return max_impl(x, n); }

@@ -109,8 +109,21 @@ static inline at::ScalarType acc_dtype(const at::Tensor& t) {
 }
 
 // Copy `n` elements at stride `stride` into an accumulation-type buffer.
+// Contiguous half-precision runs converted per ISA (common.cpp): as inline templates they were
+// compiled for baseline x86-64 only, the bf16/fp16 kernels' bottleneck.
+void to_acc(const c10::BFloat16* src, int64_t n, float* dst);
+void to_acc(const c10::Half* src, int64_t n, float* dst);
+void from_acc(const float* src, int64_t n, c10::BFloat16* dst);
+void from_acc(const float* src, int64_t n, c10::Half* dst);
+template <typename scalar_t>
+constexpr bool is_half_v =
+    std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
+
 template <typename scalar_t, typename acc_t>
 static inline void load_block(const scalar_t* src, int64_t stride, int64_t n, acc_t* dst) {
+  if constexpr (is_half_v<scalar_t>) {
+    if (stride == 1) return to_acc(src, n, dst);
+  }
   if (stride == 1) {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
   } else {
@@ -120,6 +133,9 @@ static inline void load_block(const scalar_t* src, int64_t stride, int64_t n, ac
 
 template <typename scalar_t, typename acc_t>
 static inline void store_block(const acc_t* src, int64_t n, scalar_t* dst, int64_t stride) {
+  if constexpr (is_half_v<scalar_t>) {
+    if (stride == 1) return from_acc(src, n, dst);
+  }
   if (stride == 1) {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
   } else {
