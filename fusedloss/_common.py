@@ -1,6 +1,8 @@
 """Argument checks and the reduction step shared by every loss."""
 import torch
 
+from . import _backend
+
 REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -71,3 +73,21 @@ def reduce_loss(loss: torch.Tensor, reduction: str, denom=None) -> torch.Tensor:
     if reduction == "sum":
         return total
     return total / (loss.numel() if denom is None else denom)
+
+
+def check_class_targets_for(fn: str, backend: str, x: torch.Tensor, target: torch.Tensor,
+                            n_classes: int, ignore_index: int) -> None:
+    """The range check for a call on `backend`: the C++ kernels check class indices while they
+    read (free); elsewhere check here, in eager mode only (a host read on CUDA)."""
+    if (backend != "op" or x.device.type != "cpu") and _backend.eager_checks_enabled(target):
+        check_class_targets(fn, target, n_classes, ignore_index)
+
+
+def class_weight_sum(target: torch.Tensor, weight, ignore_index: int, n_classes: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The mean's denominator over class-index rows: sum of weight[target] (the count without
+    weights) over non-ignored rows, as a device tensor: no host sync."""
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum(dtype=dtype)
+    return torch.where(valid, weight[target.clamp(0, n_classes - 1)], 0.0).sum()

@@ -8,8 +8,8 @@ Probability targets take a plain-PyTorch path (fp32 math).
 import torch
 
 from . import _backend
-from ._common import (check_class_targets, check_index_target, check_same_device, check_tensor,
-                      class_count, reduce_loss, resolve_reduction)
+from ._common import (check_class_targets_for, check_index_target, check_same_device,
+                      check_tensor, class_count, class_weight_sum, reduce_loss, resolve_reduction)
 from .reference import acc_dtype
 
 _FN = "fusedloss.cross_entropy"
@@ -61,10 +61,8 @@ def _ce_forward(x3, t, w, ignore_index, label_smoothing, z_loss, check_targets=T
     (check_targets=False: the caller guarantees the range, skipping the host read on CUDA).
     """
     be = _backend.backend_for(x3)
-    if (check_targets and (be != "op" or x3.device.type != "cpu")
-            and _backend.eager_checks_enabled(t)):
-        # The C++ kernel checks while it reads; elsewhere check here, in eager mode only.
-        check_class_targets(_FN, t, x3.shape[1], ignore_index)
+    if check_targets:
+        check_class_targets_for(_FN, be, x3, t, x3.shape[1], ignore_index)
     return _backend.impl(be, _tk, "cross_entropy_fwd")(x3, t, w, ignore_index, label_smoothing, z_loss)
 
 
@@ -79,12 +77,7 @@ class _CrossEntropy(torch.autograd.Function):
         loss, lse = _ce_forward(x3, t, w, ignore_index, label_smoothing, z_loss)
         denom = None
         if reduction == "mean":
-            # sum of w[y] (or the count) over non-ignored rows, kept on the device: no host sync.
-            valid = t != ignore_index
-            if w is None:
-                denom = valid.sum(dtype=acc)
-            else:
-                denom = torch.where(valid, w[t.clamp(0, x3.shape[1] - 1)], 0.0).sum()
+            denom = class_weight_sum(t, w, ignore_index, x3.shape[1], acc)
         out = reduce_loss(loss, reduction, denom)
         out = out.view(target.shape) if reduction == "none" else out
         # The gradient goes over the logits only where x3 really is the input's memory, and not

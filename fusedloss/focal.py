@@ -11,8 +11,8 @@ import numbers
 import torch
 
 from . import _backend
-from ._common import (check_class_targets, check_index_target, check_same_device, check_tensor,
-                      class_count, reduce_loss, resolve_reduction)
+from ._common import (check_class_targets_for, check_index_target, check_same_device,
+                      check_tensor, class_count, class_weight_sum, reduce_loss, resolve_reduction)
 from .cross_entropy import _rows3d
 from .reference import acc_dtype
 
@@ -150,18 +150,10 @@ class _SoftmaxFocal(torch.autograd.Function):
         acc = acc_dtype(input.dtype)
         a = None if alpha is None else alpha.to(acc).contiguous()
         compute_grad = ctx.needs_input_grad[0]
-        be = _backend.backend_for(x3)
-        if (be != "op" or x3.device.type != "cpu") and _backend.eager_checks_enabled(t):
-            # The C++ kernel checks while it reads; elsewhere check here, in eager mode only.
-            check_class_targets(_SFN, t, n_classes, ignore_index)
+        check_class_targets_for(_SFN, _backend.backend_for(x3), x3, t, n_classes, ignore_index)
         denom = scale = None
         if reduction == "mean":
-            # sum of alpha[t] (or the count) over non-ignored rows, on the device: no host sync.
-            valid = t != ignore_index
-            if a is None:
-                denom = valid.sum(dtype=acc)
-            else:
-                denom = torch.where(valid, a[t.clamp(0, n_classes - 1)], 0.0).sum()
+            denom = class_weight_sum(t, a, ignore_index, n_classes, acc)
             scale = denom.reciprocal()
         loss, grad = _impl("softmax_focal_fwd", x3)(x3, t, a, scale, ignore_index, gamma,
                                                     compute_grad)
