@@ -1,6 +1,6 @@
-// The vectorised block loops of common.h. The float versions are compiled once per ISA
+// The vectorised block loops of common.h and rows.h. The float versions are compiled once per ISA
 // (FL_MULTIVERSION); the double versions (gradcheck precision) are plain.
-#include "common.h"
+#include "rows.h"
 
 namespace fusedloss {
 namespace {
@@ -38,6 +38,31 @@ FL_MULTIVERSION float max_f(const float* x, int64_t n) { return max_impl(x, n); 
 FL_MULTIVERSION float sum_exp_f(const float* x, int64_t n, float s) { return sum_exp_impl(x, n, s); }
 FL_MULTIVERSION float dot_f(const float* x, const float* w, int64_t n) { return dot_impl(x, w, n); }
 
+template <typename T>
+inline T softmax_grad_impl(const T* x, const T* w, int64_t n, T lse, T a, T k, T scale, T* g) {
+  T sum = 0;
+  if (w == nullptr) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) {
+      const T p = fast_exp(x[i] - lse);
+      sum += p;
+      g[i] = scale * (p * a - k);
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) {
+      const T p = fast_exp(x[i] - lse);
+      sum += p;
+      g[i] = scale * (p * a - k * w[i]);
+    }
+  }
+  return sum;
+}
+FL_MULTIVERSION float softmax_grad_f(const float* x, const float* w, int64_t n, float lse, float a,
+                                     float k, float scale, float* g) {
+  return softmax_grad_impl(x, w, n, lse, a, k, scale, g);
+}
+
 template <typename H>
 inline void to_acc_impl(const H* src, int64_t n, float* dst) {
 #pragma omp simd
@@ -62,6 +87,15 @@ inline void from_acc_impl(const float* src, int64_t n, c10::BFloat16* dst) {
 }
 
 }  // namespace
+
+float block_softmax_grad(const float* x, const float* w, int64_t n, float lse, float a, float k,
+                         float scale, float* g) {
+  return softmax_grad_f(x, w, n, lse, a, k, scale, g);
+}
+double block_softmax_grad(const double* x, const double* w, int64_t n, double lse, double a,
+                          double k, double scale, double* g) {
+  return softmax_grad_impl(x, w, n, lse, a, k, scale, g);
+}
 
 FL_MULTIVERSION void to_acc(const c10::BFloat16* s, int64_t n, float* d) { to_acc_impl(s, n, d); }
 FL_MULTIVERSION void to_acc(const c10::Half* s, int64_t n, float* d) { to_acc_impl(s, n, d); }

@@ -8,119 +8,72 @@
 //   L = (1-eps) w_y (lse - x_y) + eps/C (W lse - sum_c w_c x_c) + z lse^2
 // Gradient, with p = softmax(x), A = (1-eps) w_y + eps/C W + 2 z lse:
 //   dL/dx_j = p_j A - eps/C w_j - (1-eps) w_y [j == y]
-// The target column is written as A expm1(x_y - lse) + eps/C (W - w_y) + 2 z lse, which avoids
-// the cancellation p_y - 1 for confident predictions.
+// Confident rows (rows.h): lse - x_y is computed as log1p(S / e_y) in forward, and the target
+// column as -A q + eps/C (W - w_y) + 2 z lse with q = 1 - p_y = sum_{j != y} p_j summed in the
+// backward sweep, never as p_y - 1.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <tuple>
 
-#include "common.h"
+#include "rows.h"
 
 namespace fusedloss {
 namespace {
 
-template <typename T>
-inline void ce_grad_impl(const T* x, const T* w, int64_t n, T lse, T a, T k, T scale, T* g) {
-  // g = scale * (exp(x - lse) * a - k * w)
-  if (w == nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) g[i] = scale * (fast_exp(x[i] - lse) * a - k);
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) g[i] = scale * (fast_exp(x[i] - lse) * a - k * w[i]);
-  }
-}
-FL_MULTIVERSION void ce_grad_block(const float* x, const float* w, int64_t n, float lse, float a,
-                                   float k, float scale, float* g) {
-  ce_grad_impl(x, w, n, lse, a, k, scale, g);
-}
-void ce_grad_block(const double* x, const double* w, int64_t n, double lse, double a, double k,
-                   double scale, double* g) {
-  ce_grad_impl(x, w, n, lse, a, k, scale, g);
-}
-
-// What both passes share: the [N, C, D] geometry, the weights and the option constants.
+// What both passes share: the row geometry (rows.h), the weights and the option constants.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-struct Rows {
-  int64_t N, C, D, sN, sC, sD;
-  const scalar_t* x;
-  const int64_t* tgt;
+struct Rows : RowGeom<scalar_t> {
   const acc_t* w;  // nullptr: no class weights
   acc_t w_sum, eps, k, z;
-  int64_t ignore_index;
 
-  Rows(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
-       int64_t ignore, double label_smoothing, double z_loss)
-      : N(logits.size(0)), C(logits.size(1)), D(logits.size(2)), sN(logits.stride(0)),
-        sC(logits.stride(1)), sD(logits.stride(2)), x(logits.const_data_ptr<scalar_t>()),
-        tgt(target.const_data_ptr<int64_t>()),
+  Rows(const at::Tensor& logits, const c10::optional<at::Tensor>& weight, double label_smoothing,
+       double z_loss)
+      : RowGeom<scalar_t>(logits),
         w(weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr),
-        w_sum(weight.has_value() ? weight->sum().item<acc_t>() : static_cast<acc_t>(C)),
-        eps(static_cast<acc_t>(label_smoothing)), k(eps / static_cast<acc_t>(C)),
-        z(static_cast<acc_t>(z_loss)), ignore_index(ignore) {}
-
-  const scalar_t* row(int64_t r) const { return x + (r / D) * sN + (r % D) * sD; }
-  // The row's target, or -1 for an ignored or out-of-range row (it then has loss and gradient 0).
-  int64_t target(int64_t r) const {
-    const int64_t y = tgt[r];
-    return (y == ignore_index || y < 0 || y >= C) ? -1 : y;
-  }
-  int64_t grain() const { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
+        w_sum(weight.has_value() ? weight->sum().item<acc_t>() : static_cast<acc_t>(this->C)),
+        eps(static_cast<acc_t>(label_smoothing)), k(eps / static_cast<acc_t>(this->C)),
+        z(static_cast<acc_t>(z_loss)) {}
 };
 
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void ce_forward_rows(const Rows<scalar_t>& R, acc_t* loss, acc_t* lse_out,
-                     std::atomic<int64_t>& bad) {
-  at::parallel_for(0, R.N * R.D, R.grain(), [&](int64_t begin, int64_t end) {
+void ce_forward_rows(const Rows<scalar_t>& R, Targets& T, acc_t* loss, acc_t* lse_out) {
+  at::parallel_for(0, R.rows(), R.grain(), [&](int64_t begin, int64_t end) {
     acc_t buf[kBlock];
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t y = R.target(r);
+      const int64_t y = T(r);
       if (y < 0) {
-        if (R.tgt[r] != R.ignore_index) {
-          int64_t none = std::numeric_limits<int64_t>::min();
-          bad.compare_exchange_strong(none, R.tgt[r]);  // reported after the loop (IndexError)
-        }
         loss[r] = 0;
         lse_out[r] = 0;
         continue;
       }
-      const scalar_t* xr = R.row(r);
-      OnlineLSE<acc_t> acc;
       acc_t swx = 0;
-      for (int64_t c0 = 0; c0 < R.C; c0 += kBlock) {
-        const int64_t nb = std::min(kBlock, R.C - c0);
-        load_block(xr + c0 * R.sC, R.sC, nb, buf);
-        acc.add(buf, nb);
-        if (R.eps != 0) swx += block_dot<acc_t>(buf, R.w ? R.w + c0 : nullptr, nb);
-      }
-      const acc_t lse = acc.lse();
-      const acc_t xy = static_cast<acc_t>(xr[y * R.sC]);
+      const RowStats<acc_t> st = row_stats(R.row(r), R.sC, R.C, y, R.w, R.eps != 0 ? &swx : nullptr,
+                                           buf);
       const acc_t wy = R.w ? R.w[y] : acc_t(1);
       // Terms with a zero coefficient are skipped, not multiplied by 0: lse may be huge (inf * 0).
-      acc_t l = (1 - R.eps) * wy * (lse - xy);
-      if (R.eps != 0) l += R.k * (R.w_sum * lse - swx);
-      if (R.z != 0) l += R.z * lse * lse;
+      acc_t l = (1 - R.eps) * wy * st.nll;
+      if (R.eps != 0) l += R.k * (R.w_sum * st.lse - swx);
+      if (R.z != 0) l += R.z * st.lse * st.lse;
       loss[r] = l;
-      lse_out[r] = lse;
+      lse_out[r] = st.lse;
     }
   });
 }
 
 // Writes the gradient through g (any strides; g may be the logits themselves: each element is
-// read before it is overwritten, and x_y is read before the row's sweep).
+// read before it is overwritten, and x_y is not needed after forward).
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void ce_backward_rows(const Rows<scalar_t>& R, const acc_t* lse_in, const acc_t* scale,
+void ce_backward_rows(const Rows<scalar_t>& R, Targets& T, const acc_t* lse_in, const acc_t* scale,
                       bool per_row_scale, scalar_t* g, at::IntArrayRef g_strides) {
   const int64_t gN = g_strides[0], gC = g_strides[1], gD = g_strides[2];
-  at::parallel_for(0, R.N * R.D, R.grain(), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R.rows(), R.grain(), [&](int64_t begin, int64_t end) {
     acc_t buf[kBlock];
     acc_t gbuf[kBlock];
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* xr = R.row(r);
       scalar_t* gr = g + (r / R.D) * gN + (r % R.D) * gD;
-      const int64_t y = R.target(r);
+      const int64_t y = T(r);
       if (y < 0) {
         for (int64_t c = 0; c < R.C; ++c) gr[c * gC] = scalar_t(0);
         continue;
@@ -128,15 +81,10 @@ void ce_backward_rows(const Rows<scalar_t>& R, const acc_t* lse_in, const acc_t*
       const acc_t lse = lse_in[r];
       const acc_t s = scale[per_row_scale ? r : 0];
       const acc_t wy = R.w ? R.w[y] : acc_t(1);
-      const acc_t xy = static_cast<acc_t>(xr[y * R.sC]);
       const acc_t a = (1 - R.eps) * wy + R.k * R.w_sum + 2 * R.z * lse;
-      for (int64_t c0 = 0; c0 < R.C; c0 += kBlock) {
-        const int64_t nb = std::min(kBlock, R.C - c0);
-        load_block(xr + c0 * R.sC, R.sC, nb, buf);
-        ce_grad_block(buf, R.w ? R.w + c0 : nullptr, nb, lse, a, R.k, s, gbuf);
-        store_block(gbuf, nb, gr + c0 * gC, gC);
-      }
-      const acc_t gy = a * std::expm1(xy - lse) + R.k * (R.w_sum - wy) + 2 * R.z * lse;
+      const acc_t q = row_grad(R.row(r), R.sC, R.C, y, lse, a, R.k, R.w, s, gr, gC, buf, gbuf);
+      // p_y a - k w_y - (1-eps) w_y = -a (1 - p_y) + k (W - w_y) + 2 z lse, with 1 - p_y = q.
+      const acc_t gy = -a * q + R.k * (R.w_sum - wy) + 2 * R.z * lse;
       gr[y * gC] = static_cast<scalar_t>(s * gy);
     }
   });
@@ -166,15 +114,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
   auto opts = logits.options().dtype(acc_dtype(logits));
   at::Tensor loss = at::empty({rows}, opts);
   at::Tensor lse = at::empty({rows}, opts);
-  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::min()};
+  Targets T(target, logits.size(1), ignore_index);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_fwd", [&] {
     using acc_t = acc_type<scalar_t>;
-    Rows<scalar_t> R(logits, target, weight, ignore_index, label_smoothing, z_loss);
-    ce_forward_rows(R, loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), bad);
+    Rows<scalar_t> R(logits, weight, label_smoothing, z_loss);
+    ce_forward_rows(R, T, loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
   });
-  const int64_t b = bad.load();
-  TORCH_CHECK_INDEX(b == std::numeric_limits<int64_t>::min(), "fusedloss.cross_entropy: target ",
-                    b, " is out of bounds for ", logits.size(1), " classes");
+  T.raise_if_bad("fusedloss.cross_entropy");
   return {loss, lse};
 }
 
@@ -191,8 +137,9 @@ void ce_backward(const at::Tensor& grad_scale, const at::Tensor& logits, const a
               "accumulation dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_bwd", [&] {
     using acc_t = acc_type<scalar_t>;
-    Rows<scalar_t> R(logits, target, weight, ignore_index, label_smoothing, z_loss);
-    ce_backward_rows(R, lse.const_data_ptr<acc_t>(), grad_scale.const_data_ptr<acc_t>(),
+    Rows<scalar_t> R(logits, weight, label_smoothing, z_loss);
+    Targets T(target, logits.size(1), ignore_index);
+    ce_backward_rows(R, T, lse.const_data_ptr<acc_t>(), grad_scale.const_data_ptr<acc_t>(),
                      grad_scale.numel() != 1, grad.data_ptr<scalar_t>(),
                      grad.strides());
   });

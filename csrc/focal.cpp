@@ -13,14 +13,15 @@
 // underflows on a hard target (u = 0, v = 1); there ce = 0 and both terms vanish, so any finite r
 // (and q^gamma) will do.
 //
-// Softmax focal (per row, class-index target t): lp = log p_t = x_t - lse, q = -expm1(lp),
+// Softmax focal (per row, class-index target t): lp = log p_t = -(lse - x_t), q = 1 - p_t, both
+// from rows.h's one-read statistics (no cancellation on confident rows),
 //   L = -alpha_t q^gamma lp,   dL/dx_j = dL/dlp * ([j == t] - p_j).
 // dL/dlp = -alpha_t [ q^gamma - gamma q^(gamma-1) p_t lp ]
 //        = -alpha_t q^gamma [1 - gamma p_t (lp/q)]
 // and lp/q = log(1-q)/q lies in (-inf, -1], -> -1 as q -> 0: q^(gamma-1) is never formed. With
 // A = -dL/dlp >= 0 the gradient has cross-entropy's shape: A p_j off the target, -A q on it.
-// The row's log-sum-exp is cross-entropy's OnlineLSE (common.h); (N, C, H, W) inputs are swept
-// by spatial tiles instead (softmax_focal_tiles).
+// Rows go through rows.h's shared row statistics and gradient sweep; (N, C, H, W) inputs are
+// swept by spatial tiles instead (softmax_focal_tiles), with the same per-pixel statistics.
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -28,7 +29,7 @@
 #include <atomic>
 #include <tuple>
 
-#include "common.h"
+#include "rows.h"
 
 namespace fusedloss {
 namespace {
@@ -101,30 +102,17 @@ double sigmoid_focal_block(const double* x, const double* y, int64_t n, double a
   return sigmoid_focal_dispatch(x, y, n, alpha, gamma, scale, loss, g);
 }
 
-// g = a * exp(x - shift): the softmax gradient off the target column.
-template <typename T>
-FOCAL_INLINE void scaled_softmax_impl(const T* x, int64_t n, T shift, T a, T* g) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) g[i] = a * fast_exp(x[i] - shift);
-}
-FL_MULTIVERSION void scaled_softmax_block(const float* x, int64_t n, float shift, float a,
-                                          float* g) {
-  scaled_softmax_impl(x, n, shift, a, g);
-}
-void scaled_softmax_block(const double* x, int64_t n, double shift, double a, double* g) {
-  scaled_softmax_impl(x, n, shift, a, g);
-}
-
 // Spatial tiles (see softmax_focal_tiles): the same three sweeps, one lane per pixel.
 template <typename T>
 FOCAL_INLINE void tile_max_impl(const T* x, int64_t n, T* m) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) m[i] = std::max(m[i], x[i]);
 }
+// s += exp(x - m) for the pixels whose target is not class c (tv: targets as T, -1 if none).
 template <typename T>
-FOCAL_INLINE void tile_sum_exp_impl(const T* x, int64_t n, const T* m, T* s) {
+FOCAL_INLINE void tile_sum_exp_impl(const T* x, int64_t n, const T* m, const T* tv, T c, T* s) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) s[i] += fast_exp(x[i] - m[i]);
+  for (int64_t i = 0; i < n; ++i) s[i] += tv[i] == c ? T(0) : fast_exp(x[i] - m[i]);
 }
 template <typename T>
 FOCAL_INLINE void tile_grad_impl(const T* x, int64_t n, const T* lse, const T* a, T* g) {
@@ -133,11 +121,13 @@ FOCAL_INLINE void tile_grad_impl(const T* x, int64_t n, const T* lse, const T* a
 }
 FL_MULTIVERSION void tile_max(const float* x, int64_t n, float* m) { tile_max_impl(x, n, m); }
 void tile_max(const double* x, int64_t n, double* m) { tile_max_impl(x, n, m); }
-FL_MULTIVERSION void tile_sum_exp(const float* x, int64_t n, const float* m, float* s) {
-  tile_sum_exp_impl(x, n, m, s);
+FL_MULTIVERSION void tile_sum_exp(const float* x, int64_t n, const float* m, const float* tv,
+                                  float c, float* s) {
+  tile_sum_exp_impl(x, n, m, tv, c, s);
 }
-void tile_sum_exp(const double* x, int64_t n, const double* m, double* s) {
-  tile_sum_exp_impl(x, n, m, s);
+void tile_sum_exp(const double* x, int64_t n, const double* m, const double* tv, double c,
+                  double* s) {
+  tile_sum_exp_impl(x, n, m, tv, c, s);
 }
 FL_MULTIVERSION void tile_grad(const float* x, int64_t n, const float* lse, const float* a,
                                float* g) {
@@ -147,28 +137,24 @@ void tile_grad(const double* x, int64_t n, const double* lse, const double* a, d
   tile_grad_impl(x, n, lse, a, g);
 }
 
-// The per-pixel terms of a tile, vectorised: the same as focal_row below, from the running max m
-// and sum s, x at the target xt and alpha_t at (0 for ignored pixels). m becomes the lse, s the q.
-// expm1 by Kahan's (u - 1) lp / log(u), u = exp(lp), where |lp| < 0.5 (else u - 1 is exact
-// enough); logs of values clamped to the smallest normal keep gamma = 0 and q = 0 finite.
+// The per-pixel terms of a tile, vectorised: the same as focal_row below, from the max m, the
+// sum s of exp(x - m) over the non-target classes, x at the target xt and alpha_t at (0 for
+// ignored pixels). m becomes the lse, s the q. Logs of values clamped to the smallest normal keep
+// gamma = 0 and q = 0 finite.
 template <bool kSquare, typename T>
 FOCAL_INLINE void tile_terms_impl(int64_t n, const T* xt, const T* at, T gamma, T scale, T* m,
                                   T* s, T* loss, T* a) {
   constexpr T tiny = std::numeric_limits<T>::min();
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const T lse = m[i] + fast_log(s[i]);
-    const T lp = std::min(xt[i] - lse, T(0));
-    const T u = fast_exp(lp);  // p_t
-    const T lu = fast_log(std::max(u, tiny));
-    const T kahan = u == T(1) ? lp : (u - T(1)) * lp / (lu == T(0) ? T(1) : lu);
-    const T q = -(std::abs(lp) < T(0.5) ? kahan : u - T(1));
+    const RowStats<T> st = row_finish(m[i], s[i], xt[i]);
+    const T lp = -st.nll, q = st.q;
     const T qg = kSquare ? q * q : fast_exp(gamma * fast_log(std::max(q, tiny)));
     const T ratio = q > 0 ? lp / (q > 0 ? q : T(1)) : T(-1);  // log(1-q)/q -> -1 as q -> 0
-    m[i] = lse;
+    m[i] = st.lse;
     s[i] = q;
     loss[i] = -at[i] * qg * lp;
-    a[i] = scale * at[i] * qg * (T(1) - gamma * u * ratio);
+    a[i] = scale * at[i] * qg * (T(1) - gamma * fast_exp(lp) * ratio);
   }
 }
 template <typename T>
@@ -189,24 +175,19 @@ void tile_terms(int64_t n, const double* xt, const double* at, double gamma, dou
   tile_terms_dispatch(n, xt, at, gamma, scale, m, s, loss, a);
 }
 
-// One row's focal terms from its lse and target logit (see the header): the loss, and
-// A = scale * alpha_t q^gamma (1 - gamma p_t lp/q) with q; the gradient is A p_j off the target
-// and -A q on it.
+// One row's focal terms from its statistics (see the header): the loss, and
+// A = scale * alpha_t q^gamma (1 - gamma p_t lp/q); the gradient is A p_j off the target and
+// -A q on it.
 template <typename T>
 struct FocalRow {
-  T loss, a, q;
+  T loss, a;
 };
 template <typename T>
-inline FocalRow<T> focal_row(T lse, T x_t, T alpha_t, T gamma, T scale, bool grad) {
-  const T lp = std::min(x_t - lse, T(0));
-  const T q = -std::expm1(lp);
+inline FocalRow<T> focal_row(const RowStats<T>& st, T alpha_t, T gamma, T scale) {
+  const T lp = -st.nll, q = st.q;
   const T qg = gamma == 2 ? q * q : std::pow(q, gamma);  // pow(0, 0) = 1
-  FocalRow<T> r{-alpha_t * qg * lp, T(0), q};
-  if (grad) {
-    const T ratio = q > 0 ? lp / q : T(-1);  // log(1-q)/q -> -1 as q -> 0
-    r.a = scale * alpha_t * qg * (1 - gamma * std::exp(lp) * ratio);
-  }
-  return r;
+  const T ratio = q > 0 ? lp / q : T(-1);  // log(1-q)/q -> -1 as q -> 0
+  return {-alpha_t * qg * lp, scale * alpha_t * qg * (1 - gamma * std::exp(lp) * ratio)};
 }
 
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_fwd(const at::Tensor& input,
@@ -258,54 +239,32 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_fwd(const at::Tensor& input,
 }
 
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void softmax_focal_rows(const at::Tensor& x, const int64_t* tgt, const acc_t* alpha, acc_t gamma,
-                        acc_t scale, int64_t ignore_index, scalar_t* g, at::IntArrayRef g_strides,
-                        acc_t* loss, std::atomic<int64_t>& bad) {
-  const int64_t N = x.size(0), C = x.size(1), D = x.size(2);
-  const int64_t sN = x.stride(0), sC = x.stride(1), sD = x.stride(2);
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+void softmax_focal_rows(const at::Tensor& x, Targets& T, const acc_t* alpha, acc_t gamma,
+                        acc_t scale, scalar_t* g, at::IntArrayRef g_strides, acc_t* loss) {
+  const RowGeom<scalar_t> R(x);
   const int64_t gN = g ? g_strides[0] : 0, gC = g ? g_strides[1] : 0, gD = g ? g_strides[2] : 0;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-
-  at::parallel_for(0, N * D, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R.rows(), R.grain(), [&](int64_t begin, int64_t end) {
     acc_t buf[kBlock];
     acc_t gbuf[kBlock];
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / D, s = r % D;
-      const scalar_t* xr = xp + n * sN + s * sD;
-      scalar_t* gr = g ? g + n * gN + s * gD : nullptr;
-      const int64_t t = tgt[r];
-      const bool valid = t != ignore_index;
-      const bool in_range = t >= 0 && t < C;
-      if (valid && !in_range) {
-        int64_t none = std::numeric_limits<int64_t>::min();
-        bad.compare_exchange_strong(none, t);  // reported after the loop, as an IndexError
-      }
-      if (!valid || !in_range) {
+      scalar_t* gr = g ? g + (r / R.D) * gN + (r % R.D) * gD : nullptr;
+      const int64_t t = T(r);
+      if (t < 0) {
         loss[r] = 0;
         if (gr) {
-          for (int64_t c = 0; c < C; ++c) gr[c * gC] = scalar_t(0);
+          for (int64_t c = 0; c < R.C; ++c) gr[c * gC] = scalar_t(0);
         }
         continue;
       }
-      OnlineLSE<acc_t> acc;
-      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-        const int64_t nb = std::min(kBlock, C - c0);
-        load_block(xr + c0 * sC, sC, nb, buf);
-        acc.add(buf, nb);
-      }
-      const acc_t lse = acc.lse();
-      const FocalRow<acc_t> f = focal_row(lse, static_cast<acc_t>(xr[t * sC]),
-                                          alpha ? alpha[t] : acc_t(1), gamma, scale, gr != nullptr);
+      const scalar_t* xr = R.row(r);
+      const RowStats<acc_t> st = row_stats(xr, R.sC, R.C, t, (const acc_t*)nullptr,
+                                           (acc_t*)nullptr, buf);
+      const FocalRow<acc_t> f = focal_row(st, alpha ? alpha[t] : acc_t(1), gamma, scale);
       loss[r] = f.loss;
       if (!gr) continue;
-      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-        const int64_t nb = std::min(kBlock, C - c0);
-        load_block(xr + c0 * sC, sC, nb, buf);
-        scaled_softmax_block(buf, nb, lse, f.a, gbuf);
-        store_block(gbuf, nb, gr + c0 * gC, gC);
-      }
-      gr[t * gC] = static_cast<scalar_t>(-f.a * f.q);
+      row_grad(xr, R.sC, R.C, t, st.lse, f.a, acc_t(0), (const acc_t*)nullptr, acc_t(1), gr, gC,
+               buf, gbuf);
+      gr[t * gC] = static_cast<scalar_t>(-f.a * st.q);
     }
   });
 }
@@ -318,9 +277,8 @@ void softmax_focal_rows(const at::Tensor& x, const int64_t* tgt, const acc_t* al
 constexpr int64_t kTile = 256;
 
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void softmax_focal_tiles(const at::Tensor& x, const int64_t* tgt, const acc_t* alpha, acc_t gamma,
-                         acc_t scale, int64_t ignore_index, scalar_t* g, at::IntArrayRef g_strides,
-                         acc_t* loss, std::atomic<int64_t>& bad) {
+void softmax_focal_tiles(const at::Tensor& x, Targets& T, const acc_t* alpha, acc_t gamma,
+                         acc_t scale, scalar_t* g, at::IntArrayRef g_strides, acc_t* loss) {
   const int64_t N = x.size(0), C = x.size(1), D = x.size(2);
   const int64_t sN = x.stride(0), sC = x.stride(1);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -329,11 +287,18 @@ void softmax_focal_tiles(const at::Tensor& x, const int64_t* tgt, const acc_t* a
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C * kTile, 1));
 
   at::parallel_for(0, N * tiles_per_n, grain, [&](int64_t begin, int64_t end) {
-    acc_t buf[kTile], m[kTile], s[kTile], a[kTile], gbuf[kTile], xv[kTile], av[kTile];
+    acc_t buf[kTile], m[kTile], s[kTile], a[kTile], gbuf[kTile], xv[kTile], av[kTile], tv[kTile];
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n = tile / tiles_per_n, d0 = (tile % tiles_per_n) * kTile;
       const int64_t S = std::min(kTile, D - d0);
       const scalar_t* xt = xp + n * sN + d0;
+      const int64_t r0 = n * D + d0;
+      for (int64_t i = 0; i < S; ++i) {  // targets, x and alpha at the targets
+        const int64_t t = T(r0 + i);
+        tv[i] = static_cast<acc_t>(t);  // exact: C < 2^24 classes; -1 matches no class
+        xv[i] = t >= 0 ? static_cast<acc_t>(xt[t * sC + i]) : acc_t(0);
+        av[i] = t >= 0 ? (alpha ? alpha[t] : acc_t(1)) : acc_t(0);  // 0: no loss, no gradient
+      }
       std::fill_n(m, S, -std::numeric_limits<acc_t>::infinity());
       std::fill_n(s, S, acc_t(0));
       for (int64_t c = 0; c < C; ++c) {
@@ -342,19 +307,10 @@ void softmax_focal_tiles(const at::Tensor& x, const int64_t* tgt, const acc_t* a
       }
       for (int64_t c = 0; c < C; ++c) {
         load_block(xt + c * sC, 1, S, buf);
-        tile_sum_exp(buf, S, m, s);
+        tile_sum_exp(buf, S, m, tv, static_cast<acc_t>(c), s);
       }
-      const int64_t r0 = n * D + d0;
-      for (int64_t i = 0; i < S; ++i) {  // gather x and alpha at the targets
-        const int64_t t = tgt[r0 + i];
-        const bool in_range = t >= 0 && t < C;
-        if (t != ignore_index && !in_range) {
-          int64_t none = std::numeric_limits<int64_t>::min();
-          bad.compare_exchange_strong(none, t);  // reported after the loop, as an IndexError
-        }
-        const bool valid = in_range && t != ignore_index;
-        xv[i] = valid ? static_cast<acc_t>(xt[t * sC + i]) : acc_t(0);
-        av[i] = valid ? (alpha ? alpha[t] : acc_t(1)) : acc_t(0);  // 0: no loss, no gradient
+      for (int64_t i = 0; i < S; ++i) {
+        if (tv[i] < 0) xv[i] = m[i];  // ignored: any finite terms will do (alpha_t = 0)
       }
       tile_terms(S, xv, av, gamma, scale, m, s, loss + r0, a);  // m := lse, s := q
       if (!g) continue;
@@ -365,8 +321,8 @@ void softmax_focal_tiles(const at::Tensor& x, const int64_t* tgt, const acc_t* a
         store_block(gbuf, S, gt + c * gC, 1);
       }
       for (int64_t i = 0; i < S; ++i) {  // the target column of each valid pixel
-        const int64_t t = tgt[n * D + d0 + i];
-        if (a[i] != 0 && t >= 0 && t < C) gt[t * gC + i] = static_cast<scalar_t>(-a[i] * s[i]);
+        const int64_t t = static_cast<int64_t>(tv[i]);
+        if (t >= 0) gt[t * gC + i] = static_cast<scalar_t>(-a[i] * s[i]);
       }
     }
   });
@@ -394,24 +350,21 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_fwd(const at::Tensor& logits,
   at::Tensor loss = at::empty({rows}, logits.options().dtype(acc_dtype(logits)));
   at::Tensor grad = compute_grad ? at::empty(logits.sizes(), logits.options())
                                  : at::empty({0}, logits.options());
-  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::min()};
+  Targets T(target, logits.size(1), ignore_index);
   const auto dtype = logits.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedloss_smfl", [&] {
     using acc_t = acc_type<scalar_t>;
     // Spatial tiles where pixels are contiguous (and the gradient is written alike).
+    // (C < 2^24: the tiles hold class indices as acc_t.)
     const bool tiles = logits.size(2) > 1 && logits.stride(2) == 1 &&
-                       (!compute_grad || grad.stride(2) == 1);
+                       logits.size(1) < (1 << 24) && (!compute_grad || grad.stride(2) == 1);
     (tiles ? softmax_focal_tiles<scalar_t> : softmax_focal_rows<scalar_t>)(
-        logits, target.const_data_ptr<int64_t>(),
-        alpha.has_value() ? alpha->const_data_ptr<acc_t>() : nullptr, static_cast<acc_t>(gamma),
-        static_cast<acc_t>(scalar_or(grad_scale, 1.0)), ignore_index,
+        logits, T, alpha.has_value() ? alpha->const_data_ptr<acc_t>() : nullptr,
+        static_cast<acc_t>(gamma), static_cast<acc_t>(scalar_or(grad_scale, 1.0)),
         compute_grad ? grad.data_ptr<scalar_t>() : nullptr,
-        compute_grad ? grad.strides() : at::IntArrayRef(), loss.data_ptr<acc_t>(), bad);
+        compute_grad ? grad.strides() : at::IntArrayRef(), loss.data_ptr<acc_t>());
   });
-  const int64_t b = bad.load();
-  TORCH_CHECK_INDEX(b == std::numeric_limits<int64_t>::min(),
-                    "fusedloss.softmax_focal_loss: target ",
-                    b, " is out of bounds for ", logits.size(1), " classes");
+  T.raise_if_bad("fusedloss.softmax_focal_loss");
   return {loss, grad};
 }
 

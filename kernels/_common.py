@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernels: block-size heuristics, the online log-sum-exp step, expm1."""
+"""Helpers shared by the Triton kernels: block-size heuristics, the online log-sum-exp step, log1p,
+and the row machinery of the softmax losses (csrc/rows.h's twin)."""
 import os
 
 import torch
@@ -40,18 +41,63 @@ def online_lse_step(m, s, x):
 
 
 @triton.jit
-def expm1(t):
-    """exp(t) - 1 without cancellation near 0 (Kahan: (u - 1) * t / log(u), u = exp(t))."""
-    u = tl.exp(t)
-    small = tl.abs(t) < 0.5
-    um1 = u - 1.0
-    safe_u = tl.where(small & (u != 1.0), u, 2.0)  # keep log() away from 0 on unused lanes
-    kahan = tl.where(u == 1.0, t, um1 * t / tl.log(safe_u))
-    return tl.where(small, kahan, um1)
-
-
-@triton.jit
 def log1p(t):
     """log(1 + t) for t >= 0 without losing small t (Goldberg: log(u) * t / (u - 1), u = 1 + t)."""
     u = 1.0 + t
     return tl.where(u == 1.0, t, tl.log(u) * (t / tl.where(u == 1.0, 2.0, u - 1.0)))
+
+
+@triton.jit
+def row_setup(X, stride_xn, stride_xd, D, TARGET, C, ignore_index):
+    """This program's row of logits viewed as [N, C, D]: (row, row pointer, target, valid).
+
+    Out-of-range targets are reported before launch (or by a device-side check); here they only
+    must not read out of bounds, so they are treated like ignored rows (target 0, valid False).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    n = row // D
+    x_row = X + n * stride_xn + (row - n * D) * stride_xd
+    y = tl.load(TARGET + row)
+    valid = (y != ignore_index) & (y >= 0) & (y < C)
+    return row, x_row, tl.where(valid, y, 0), valid
+
+
+@triton.jit
+def row_stats(x_row, stride_xc, C, y, valid, WEIGHT, HAS_WEIGHT: tl.constexpr,
+              SUM_WX: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """One read of a row with target y: (lse, nll, q, swx, w_sum), where nll = lse - x_y and
+    q = 1 - p_y come without cancellation (the sum of exp(x_j - m) runs over j != y, see
+    csrc/rows.h), and, if SUM_WX, swx = sum_c w_c x_c and w_sum = sum_c w_c (w = 1 without
+    weights) for label smoothing. Invalid rows read nothing (their results are unused)."""
+    x_y = tl.load(x_row + y * stride_xc).to(ACC)
+    c_read = tl.where(valid, C, 0)
+    m = tl.where(valid, x_y, 0.0).to(ACC)  # the max starts at x_y, so that e_y <= 1
+    s = tl.zeros((), ACC)
+    swx = tl.zeros((), ACC)
+    w_sum = tl.zeros((), ACC)
+    for off in range(0, C, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=cols < c_read, other=0.0).to(ACC)
+        if SUM_WX:
+            if HAS_WEIGHT:
+                w = tl.load(WEIGHT + cols, mask=cols < C, other=0.0).to(ACC)
+                swx += tl.sum(w * x, 0)
+                w_sum += tl.sum(w, 0)
+            else:
+                swx += tl.sum(x, 0)
+        m, s = online_lse_step(m, s, tl.where((cols < c_read) & (cols != y), x, float("-inf")))
+    lse, nll, q = row_finish(m, s, x_y)
+    return lse, nll, q, swx, w_sum
+
+
+@triton.jit
+def row_finish(m, s, x_y):
+    """(lse, nll, q) from the max m (x_y included), s = sum_{j != y} exp(x_j - m) and x_y:
+    lse = m + log(s + e_y), nll = log1p(s / e_y), q = s / (s + e_y), e_y = exp(x_y - m) <= 1.
+    Where e_y < 2^-60 the loss is > 41 and lse - x_y loses nothing (s / e_y could overflow)."""
+    e_y = tl.exp(x_y - m)
+    tot = s + e_y
+    lse = m + tl.log(tot)
+    near = e_y > 8.673617379884035e-19
+    nll = tl.where(near, log1p(s / tl.where(near, e_y, 1.0)), lse - x_y)
+    return lse, nll, s / tot

@@ -5,29 +5,15 @@ once more and writes the gradient from the saved lse, with grad_output folded in
 formulas as csrc/cross_entropy.cpp:
   L       = (1-eps) w_y (lse - x_y) + eps/C (W lse - sum_c w_c x_c) + z lse^2
   dL/dx_j = p_j A - eps/C w_j - (1-eps) w_y [j == y],   A = (1-eps) w_y + eps/C W + 2 z lse
-with the target column written as A expm1(x_y - lse) + eps/C (W - w_y) + 2 z lse (no p_y - 1).
+Confident rows (csrc/rows.h): lse - x_y comes from log1p(S / e_y) (_common.row_stats), and the
+target column is written after the sweep as -A q + eps/C (W - w_y) + 2 z lse, with
+q = 1 - p_y = sum_{j != y} p_j summed during the sweep, never as p_y - 1.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, expm1, online_lse_step, row_block, tl_acc
-
-
-@triton.jit
-def _row_setup(X, stride_xn, stride_xd, D, TARGET, WEIGHT, C, ignore_index,
-               HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
-    """Row pointer, target (0 when invalid), validity, x_y and w_y of this program's row."""
-    row = tl.program_id(0).to(tl.int64)
-    n = row // D
-    x_row = X + n * stride_xn + (row - n * D) * stride_xd
-    y = tl.load(TARGET + row)
-    # Out-of-range targets are reported on the host (eager) before launch; here they only must
-    # not read out of bounds, so they are treated like ignored rows.
-    valid = (y != ignore_index) & (y >= 0) & (y < C)
-    y = tl.where(valid, y, 0)
-    w_y = tl.load(WEIGHT + y).to(ACC) if HAS_WEIGHT else 1.0
-    return row, x_row, y, valid, w_y
+from ._common import acc_dtype, row_block, row_setup, row_stats, tl_acc
 
 
 @triton.jit
@@ -36,30 +22,14 @@ def _cross_entropy_fwd_kernel(
     C, ignore_index, label_smoothing, z_loss,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row, x_row, y, valid, w_y = _row_setup(X, stride_xn, stride_xd, D, TARGET, WEIGHT, C,
-                                           ignore_index, HAS_WEIGHT, ACC)
-    c_read = tl.where(valid, C, 0)  # columns to read: none for ignored rows
-    m = tl.full((), float("-inf"), ACC)
-    s = tl.zeros((), ACC)
-    swx = tl.zeros((), ACC)
-    w_sum = tl.zeros((), ACC)
-    for off in range(0, C, BLOCK):
-        cols = off + tl.arange(0, BLOCK)
-        x = tl.load(x_row + cols * stride_xc, mask=cols < c_read, other=0.0).to(ACC)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(WEIGHT + cols, mask=cols < C, other=0.0).to(ACC)
-                swx += tl.sum(w * x, 0)
-                w_sum += tl.sum(w, 0)
-            else:
-                swx += tl.sum(x, 0)
-        m, s = online_lse_step(m, s, tl.where(cols < C, x, float("-inf")))
-    lse = m + tl.log(s)
+    row, x_row, y, valid = row_setup(X, stride_xn, stride_xd, D, TARGET, C, ignore_index)
+    lse, nll, q, swx, w_sum = row_stats(x_row, stride_xc, C, y, valid, WEIGHT, HAS_WEIGHT,
+                                        HAS_SMOOTHING, ACC, BLOCK)
+    w_y = tl.load(WEIGHT + y).to(ACC) if HAS_WEIGHT else 1.0
     if not HAS_WEIGHT:
         w_sum = w_sum + C  # W = C without weights
-    x_y = tl.load(x_row + y * stride_xc).to(ACC)
     # Terms with a zero coefficient are dropped, not multiplied by 0: lse may be huge (inf * 0).
-    loss = (1.0 - label_smoothing) * w_y * (lse - x_y)
+    loss = (1.0 - label_smoothing) * w_y * nll
     if HAS_SMOOTHING:
         loss += label_smoothing / C * (w_sum * lse - swx)
     loss += tl.where(z_loss != 0.0, z_loss * lse * lse, 0.0)
@@ -75,29 +45,32 @@ def _cross_entropy_bwd_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row, x_row, y, valid, w_y = _row_setup(X, stride_xn, stride_xd, D, TARGET, WEIGHT, C,
-                                           ignore_index, HAS_WEIGHT, ACC)
+    row, x_row, y, valid = row_setup(X, stride_xn, stride_xd, D, TARGET, C, ignore_index)
+    w_y = tl.load(WEIGHT + y).to(ACC) if HAS_WEIGHT else 1.0
     k = label_smoothing / C
     w_sum = tl.load(W_SUM).to(ACC) if HAS_WEIGHT else tl.zeros((), ACC) + C
     lse = tl.load(LSE + row).to(ACC)
     scale = tl.load(GRAD_SCALE + row).to(ACC) if PER_ROW_SCALE else tl.load(GRAD_SCALE).to(ACC)
     a = (1.0 - label_smoothing) * w_y + k * w_sum + 2.0 * z_loss * lse
-    x_y = tl.load(x_row + y * stride_xc).to(ACC)  # before the sweep: g may alias x
-    g_y = a * expm1(x_y - lse) + k * (w_sum - w_y) + 2.0 * z_loss * lse
     c_read = tl.where(valid, C, 0)
     g_row = G + (row // D) * stride_gn + (row % D) * stride_gd
+    q = tl.zeros((), ACC)  # 1 - p_y = sum_{j != y} p_j, summed as the row is swept
     for off in range(0, C, BLOCK):
         cols = off + tl.arange(0, BLOCK)
-        x = tl.load(x_row + cols * stride_xc, mask=cols < c_read, other=0.0).to(ACC)
-        g = tl.exp(x - lse) * a
+        x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=cols < c_read, other=0.0).to(ACC)
+        p = tl.where((cols < c_read) & (cols != y), tl.exp(x - lse), 0.0)
+        q += tl.sum(p, 0)
+        g = p * a  # the target column is written after the sweep, from q
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 g -= k * tl.load(WEIGHT + cols, mask=cols < C, other=0.0).to(ACC)
             else:
                 g -= k
-        g = tl.where(cols == y, g_y, g) * scale
-        g = tl.where(valid, g, 0.0)
-        tl.store(g_row + cols * stride_gc, g.to(G.dtype.element_ty), mask=cols < C)
+        g = tl.where(valid, g * scale, 0.0)
+        tl.store(g_row + cols.to(tl.int64) * stride_gc, g.to(G.dtype.element_ty), mask=cols < C)
+    # p_y a - k w_y - (1-eps) w_y = -a (1 - p_y) + k (W - w_y) + 2 z lse, with 1 - p_y = q.
+    g_y = (-a * q + k * (w_sum - w_y) + 2.0 * z_loss * lse) * scale
+    tl.store(g_row + y * stride_gc, g_y.to(G.dtype.element_ty), mask=valid)
 
 
 def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss):

@@ -6,7 +6,8 @@ Sigmoid, with e = exp(-|x|), u = 1-y (x >= 0) or y (x < 0), v = 1 - u, s = sign(
   dL/dx = alpha_t q^gamma s [ (u - v e)/(1 + e) + gamma (u - v) r ce ],
   r = p(1-p)/q = e/((1+e)(u+v e))
   (r in [0, 1], limit 1 at q = 0), which is gamma q^(gamma-1) dq/dx without forming q^(gamma-1).
-Softmax, lp = x_t - lse, q = -expm1(lp), L = -alpha_t q^gamma lp:
+Softmax, lp = log p_t, q = 1 - p_t (both from kernels/_common.row_stats, no cancellation on
+confident rows), L = -alpha_t q^gamma lp:
   dL/dx_j = A (p_j - [j == t]),  A = alpha_t q^gamma (1 - gamma p_t lp/q),  lp/q -> -1 as q -> 0
   (written A p_j off the target and -A q on it, as cross-entropy does).
 """
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, expm1, log1p, online_lse_step, row_block, tl_acc
+from ._common import acc_dtype, log1p, row_block, row_setup, row_stats, tl_acc
 
 # Elements per partial sum of the reduced sigmoid loss (kChunk in csrc/focal.cpp).
 CHUNK = 4096
@@ -95,27 +96,11 @@ def _softmax_focal_fwd_kernel(
     HAS_ALPHA: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    n = row // D
-    d = row - n * D
-    x_row = X + n * stride_xn + d * stride_xd
-    t = tl.load(TARGET + row)
-    # Out-of-range targets are reported on the host (eager) before launch; here they only must
-    # not read out of bounds, so they are treated like ignored rows.
-    valid = (t != ignore_index) & (t >= 0) & (t < C)
-    t_safe = tl.where(valid, t, 0)
-    c_read = tl.where(valid, C, 0)  # columns to read: none for ignored rows
-
-    m = tl.full((), float("-inf"), ACC)
-    s = tl.zeros((), ACC)
-    for off in range(0, C, BLOCK):
-        cols = off + tl.arange(0, BLOCK)
-        x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=cols < c_read, other=0.0).to(ACC)
-        m, s = online_lse_step(m, s, tl.where(cols < C, x, float("-inf")))
-    lse = tl.where(valid, m + tl.log(s), 0.0)  # ignored rows: keep exp(x - lse) finite
-    x_t = tl.load(x_row + t_safe * stride_xc).to(ACC)
-    lp = tl.minimum(x_t - lse, 0.0)
-    q = -expm1(lp)
+    row, x_row, t_safe, valid = row_setup(X, stride_xn, stride_xd, D, TARGET, C, ignore_index)
+    lse, nll, q, _, _ = row_stats(x_row, stride_xc, C, t_safe, valid, ALPHA, False, False, ACC,
+                                  BLOCK)
+    lse = tl.where(valid, lse, 0.0)  # ignored rows: keep exp(x - lse) finite
+    lp = -nll
     a_t = tl.load(ALPHA + t_safe).to(ACC) if HAS_ALPHA else 1.0
     qg = _pow_gamma(q, gamma)
     tl.store(LOSS + row, tl.where(valid, -a_t * qg * lp, 0.0))
@@ -125,7 +110,8 @@ def _softmax_focal_fwd_kernel(
         ratio = tl.where(q > 0, lp / tl.where(q > 0, q, 1.0), -1.0)  # log(1-q)/q -> -1 as q -> 0
         a = scale * a_t * qg * (1.0 - gamma * tl.exp(lp) * ratio)
         a = tl.where(valid, a, 0.0)
-        g_row = G + n * stride_gn + d * stride_gd
+        g_row = G + (row // D) * stride_gn + (row % D) * stride_gd
+        c_read = tl.where(valid, C, 0)  # columns to read: none for ignored rows
         for off in range(0, C, BLOCK):
             cols = off + tl.arange(0, BLOCK)
             x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=cols < c_read,

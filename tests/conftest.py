@@ -48,3 +48,26 @@ def backend(request, monkeypatch):
     be = request.param
     monkeypatch.setattr(_backend, "_ENV", be.env or "")
     return be
+
+
+# Margins of the true class over the others at which torch's fp32 loss and target gradient lose
+# all their digits (lse - x_y and p_y - 1 cancel); fusedloss keeps 1e-4 relative error. (Past a
+# margin of ~80 the terms exp(x_j - m) fall below fp32's normal range and are flushed to 0.)
+MARGINS = [10.0, 14.0, 17.0, 20.0, 30.0, 45.0, 60.0]
+
+
+def confident_rows(n, C, margin, seed=0):
+    """fp32 logits whose target column leads the row's max by `margin`, and the targets."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, C, generator=g, dtype=torch.float64) * 2
+    t = torch.randint(0, C, (n,), generator=g)
+    x[torch.arange(n), t] = x.max(1).values + margin + torch.rand(n, generator=g, dtype=torch.float64)
+    return x.float(), t
+
+
+def assert_rel(actual, expected, rtol, what):
+    """Each element within rtol of float64 `expected` (values below fp32's normal range: absolute)."""
+    err = (actual.double() - expected).abs()
+    bound = rtol * expected.abs() + 2e-38
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"{what}: worst element at {worst:.3g} x the bound {rtol} (relative)"

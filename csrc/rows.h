@@ -1,0 +1,124 @@
+// Row machinery shared by the softmax losses (cross-entropy, softmax focal, and any loss over
+// class rows): the [N, C, D] geometry, the target check, the one-read row statistics and the
+// gradient sweep.
+//
+// Confident rows: with m the row max and S = sum_{j != y} exp(x_j - m) accumulated without the
+// target (in the same read), e_y = exp(x_y - m) and
+//   lse = m + log(S + e_y),  nll = lse - x_y = log1p(S / e_y),  q = 1 - p_y = S / (S + e_y)
+// so the loss and 1 - p_y of a confident row keep their relative precision; lse - x_y and
+// 1 - exp(x_y - lse) would cancel (torch's fp32 error reaches 100% there).
+#pragma once
+
+#include <atomic>
+
+#include "common.h"
+
+namespace fusedloss {
+
+// Logits viewed as [N, C, D]: row r is (n, d) = (r / D, r % D), its C classes sC apart.
+template <typename scalar_t>
+struct RowGeom {
+  int64_t N, C, D, sN, sC, sD;
+  const scalar_t* x;
+
+  explicit RowGeom(const at::Tensor& logits)
+      : N(logits.size(0)), C(logits.size(1)), D(logits.size(2)), sN(logits.stride(0)),
+        sC(logits.stride(1)), sD(logits.stride(2)), x(logits.const_data_ptr<scalar_t>()) {}
+  int64_t rows() const { return N * D; }
+  const scalar_t* row(int64_t r) const { return x + (r / D) * sN + (r % D) * sD; }
+  // Rows per task: about 32k elements, so that small-C rows are not one task each.
+  int64_t grain() const { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
+};
+
+// Class-index targets [N*D]: a row's class, or -1 for an ignored or out-of-range row (loss and
+// gradient 0). The first out-of-range class seen is kept and raised after the parallel loop
+// (`raise_if_bad`): the C++ kernels check the range while they read, at no extra cost.
+struct Targets {
+  const int64_t* t;
+  int64_t C, ignore_index;
+  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::min()};
+
+  Targets(const at::Tensor& target, int64_t n_classes, int64_t ignore)
+      : t(target.const_data_ptr<int64_t>()), C(n_classes), ignore_index(ignore) {}
+  int64_t operator()(int64_t r) {
+    const int64_t y = t[r];
+    if (y == ignore_index) return -1;
+    if (y < 0 || y >= C) {
+      int64_t none = std::numeric_limits<int64_t>::min();
+      bad.compare_exchange_strong(none, y);
+      return -1;
+    }
+    return y;
+  }
+  void raise_if_bad(const char* fn) const {
+    const int64_t b = bad.load();
+    TORCH_CHECK_INDEX(b == std::numeric_limits<int64_t>::min(), fn, ": target ", b,
+                      " is out of bounds for ", C, " classes");
+  }
+};
+
+template <typename T>
+struct RowStats {
+  T lse, nll, q;  // log-sum-exp, lse - x_y, 1 - p_y (see the header)
+};
+
+// The row statistics from the max m (over all classes, target included), S (the sum of
+// exp(x_j - m) over j != y) and x_y. Branch-free, so that it vectorises in per-pixel loops.
+// e_y < 2^-60 (x_y far below the max): the loss is > 41 and lse - x_y loses nothing, while
+// S / e_y could overflow.
+template <typename T>
+__attribute__((always_inline)) inline RowStats<T> row_finish(T m, T S, T x_y) {
+  const T e_y = fast_exp(x_y - m);
+  const T s = S + e_y;
+  const T lse = m + fast_log(s);
+  const bool near = e_y > T(8.673617379884035e-19);  // 2^-60
+  const T nll = near ? fast_log1p(S / (near ? e_y : T(1))) : lse - x_y;
+  return {lse, nll, S / s};
+}
+
+// One read of a row (C values sC apart) with valid target y: its statistics, and into *swx (if
+// not null) sum_c w_c x_c (w null: sum_c x_c) for label smoothing. buf: kBlock scratch.
+template <typename scalar_t, typename acc_t>
+RowStats<acc_t> row_stats(const scalar_t* xr, int64_t sC, int64_t C, int64_t y, const acc_t* w,
+                          acc_t* swx, acc_t* buf) {
+  const acc_t x_y = static_cast<acc_t>(xr[y * sC]);
+  OnlineLSE<acc_t> acc;  // over j != y, seeded with m = x_y so that e_y <= 1
+  acc.m = x_y;
+  acc_t dot = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t nb = std::min(kBlock, C - c0);
+    load_block(xr + c0 * sC, sC, nb, buf);
+    if (swx) dot += block_dot<acc_t>(buf, w ? w + c0 : nullptr, nb);
+    if (y >= c0 && y < c0 + nb) buf[y - c0] = -std::numeric_limits<acc_t>::infinity();
+    acc.add(buf, nb);
+  }
+  if (swx) *swx = dot;
+  return row_finish(acc.m, acc.s, x_y);
+}
+
+// Vectorised (common.cpp): g = scale * (a exp(x - lse) - k w) (w null: - k), returns the block's
+// sum of exp(x - lse).
+float block_softmax_grad(const float* x, const float* w, int64_t n, float lse, float a, float k,
+                         float scale, float* g);
+double block_softmax_grad(const double* x, const double* w, int64_t n, double lse, double a,
+                          double k, double scale, double* g);
+
+// The gradient sweep of a row with valid target y: writes scale * (a p_j - k w_j) through gr (C
+// values gC apart; gr may be xr itself: each element is read before it is overwritten) for every
+// j, the target column included (the caller overwrites it), and returns q = sum_{j != y} p_j,
+// which is 1 - p_y without cancellation. bufs: 2 * kBlock scratch.
+template <typename scalar_t, typename acc_t>
+acc_t row_grad(const scalar_t* xr, int64_t sC, int64_t C, int64_t y, acc_t lse, acc_t a, acc_t k,
+               const acc_t* w, acc_t scale, scalar_t* gr, int64_t gC, acc_t* buf, acc_t* gbuf) {
+  acc_t q = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t nb = std::min(kBlock, C - c0);
+    load_block(xr + c0 * sC, sC, nb, buf);
+    if (y >= c0 && y < c0 + nb) buf[y - c0] = -std::numeric_limits<acc_t>::infinity();
+    q += block_softmax_grad(buf, w ? w + c0 : nullptr, nb, lse, a, k, scale, gbuf);
+    store_block(gbuf, nb, gr + c0 * gC, gC);
+  }
+  return q;
+}
+
+}  // namespace fusedloss
