@@ -26,7 +26,10 @@ __all__ = [
     "unitwise_norm", "adaptive_clip_grad_", "StepResult", "TrainStep",
 ]
 
-CLIP_MODES = (None, "norm", "value", "agc")
+CLIP_MODES = ("auto", None, "norm", "value", "agc")
+# The options each clip mode takes; clip="auto" picks the mode whose options were given.
+_CLIP_OPTIONS = {"norm": ("max_norm",), "value": ("clip_value",),
+                 "agc": ("agc_clipping", "agc_eps", "agc_exclude")}
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -227,9 +230,14 @@ class TrainStep:
     Args:
         model, optimizer, loss_fn: loss_fn(model(input), target) must return a 0-d tensor.
         accum_steps: micro-batches per optimizer step.
-        clip: None (measure only), "norm" (needs max_norm, norm_type), "value" (needs
-            clip_value) or "agc" (agc_clipping, agc_eps, agc_exclude: parameters or modules left
-            unclipped, e.g. the final layer).
+        clip: "norm" (max_norm, norm_type: as torch.nn.utils.clip_grad_norm_), "value"
+            (clip_value: as clip_grad_value_), "agc" (agc_clipping, default 0.01; agc_eps, default
+            1e-3; agc_exclude: parameters or modules left unclipped, e.g. the final layer), None
+            (no clipping: the norm is measured only), or "auto" (the default): the mode whose
+            option is given, so max_norm=1.0 alone clips the norm as clip_grad_norm_ does, and no
+            option means no clipping. An option of another mode than `clip` (clip="value" with
+            max_norm, clip=None with max_norm, or "auto" with options of two modes) is a
+            ValueError: a threshold is never silently ignored.
         amp_dtype: None or torch.float32 (no autocast), torch.bfloat16, or torch.float16; fp16
             creates torch.amp.GradScaler(device) unless `scaler` is given.
         scheduler: stepped once per boundary, skipped steps included (as in PyTorch's AMP recipe;
@@ -251,8 +259,8 @@ class TrainStep:
     max_consecutive_skips boundaries at most, while no skip has been seen.
     """
 
-    def __init__(self, model, optimizer, loss_fn, *, accum_steps=1, clip=None, max_norm=None,
-                 norm_type=2.0, clip_value=None, agc_clipping=0.01, agc_eps=1e-3, agc_exclude=(),
+    def __init__(self, model, optimizer, loss_fn, *, accum_steps=1, clip="auto", max_norm=None,
+                 norm_type=2.0, clip_value=None, agc_clipping=None, agc_eps=None, agc_exclude=None,
                  amp_dtype=None, scaler=None, scheduler=None, max_consecutive_skips=50):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -263,17 +271,19 @@ class TrainStep:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
             raise ValueError(f"accum_steps must be an int >= 1, got {accum_steps!r}")
-        if clip not in CLIP_MODES:
-            raise ValueError(f"clip must be one of None, 'norm', 'value', 'agc'; got {clip!r}")
+        clip = _clip_mode(clip, max_norm=max_norm, clip_value=clip_value,
+                          agc_clipping=agc_clipping, agc_eps=agc_eps, agc_exclude=agc_exclude)
         if clip == "norm" and max_norm is None:
             raise ValueError("max_norm is required when clip='norm'")
         if clip == "value" and clip_value is None:
             raise ValueError("clip_value is required when clip='value'")
         self.max_norm = None if max_norm is None else _positive("max_norm", max_norm)
         self.clip_value = None if clip_value is None else _positive("clip_value", clip_value)
-        self.agc_clipping = _positive("agc_clipping", agc_clipping)
-        self.agc_eps = _positive("agc_eps", agc_eps)
-        self._agc_exclude = list(_param_ids_as_params(model, agc_exclude))
+        self.agc_clipping = _positive("agc_clipping", 0.01 if agc_clipping is None
+                                      else agc_clipping)
+        self.agc_eps = _positive("agc_eps", 1e-3 if agc_eps is None else agc_eps)
+        self._agc_exclude = list(_param_ids_as_params(
+            model, () if agc_exclude is None else agc_exclude))
         self.norm_type = _norm_type(norm_type)
         if amp_dtype == torch.float32:
             amp_dtype = None
@@ -463,6 +473,28 @@ class TrainStep:
         self._skipped_total = torch.as_tensor(state["skipped_steps"]).to(self._skipped_total.device)
         self._known, self._unverified = int(self._consecutive), 0  # a host read, outside any step
         self.micro_step, self._loss_sum, self._items = 0, None, None
+
+
+def _clip_mode(clip, **options):
+    """The clip mode TrainStep runs: `clip` itself, or for "auto" the mode whose options were given
+    (none: no clipping). An option that the mode does not use is an error, not ignored."""
+    if not (clip is None or isinstance(clip, str)) or clip not in CLIP_MODES:
+        raise ValueError(f"clip must be one of 'auto', None, 'norm', 'value', 'agc'; got {clip!r}")
+    given = [name for name, value in options.items() if value is not None]
+    modes = [m for m, names in _CLIP_OPTIONS.items() if any(n in given for n in names)]
+    if clip == "auto":
+        if len(modes) > 1:
+            raise ValueError(f"clip='auto' takes the clipping mode from its options, but "
+                             f"{', '.join(given)} belong to different modes ({', '.join(modes)}); "
+                             "pass clip='norm', 'value' or 'agc' with that mode's options only")
+        clip = modes[0] if modes else None
+    stray = [n for n in given if n not in _CLIP_OPTIONS.get(clip, ())]
+    if stray:
+        takes = "; ".join(f"clip='{m}' takes {', '.join(names)}"
+                          for m, names in _CLIP_OPTIONS.items())
+        raise ValueError(f"{', '.join(stray)} {'is' if len(stray) == 1 else 'are'} not used with "
+                         f"clip={clip!r} ({takes})")
+    return clip
 
 
 def _param_ids_as_params(model, exclude):
