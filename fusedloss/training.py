@@ -261,8 +261,10 @@ class TrainStep:
     module gets set_requires_gradient_sync(False) for those micro-batches (backward keeps the
     unsharded gradients locally) and True for the last one, whose backward reduce-scatters the
     window's gradient once; the flag is True again after every call. The parameters' all-gathers
-    stay per micro-batch (resharding after backward is what keeps FSDP's memory low;
-    set_reshard_after_backward is the model's to choose).
+    stay per micro-batch: resharding after backward is what keeps FSDP's memory low, and TrainStep
+    leaves set_reshard_after_backward alone (it must be True for the window's last backward:
+    with False, the optimizer steps the shards and the next forward reads the stale unsharded
+    parameters).
 
     Host syncs: none on micro-steps. At a boundary: none when the optimizer takes a found_inf
     tensor (fused=True Adam/AdamW/SGD: the skip happens on the device); otherwise one bool read to
