@@ -15,6 +15,7 @@ TrainStep runs one micro-batch per call; see its docstring for the order it keep
 import contextlib
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,7 +27,10 @@ __all__ = [
     "unitwise_norm", "adaptive_clip_grad_", "StepResult", "TrainStep",
 ]
 
-CLIP_MODES = (None, "norm", "value", "agc")
+CLIP_MODES = ("auto", None, "norm", "value", "agc")
+# The options each clip mode takes; clip="auto" picks the mode whose options were given.
+_CLIP_OPTIONS = {"norm": ("max_norm",), "value": ("clip_value",),
+                 "agc": ("agc_clipping", "agc_eps", "agc_exclude")}
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -218,7 +222,8 @@ class TrainStep:
     """One micro-batch per call, keeping the order of a PyTorch training step:
 
         forward + loss under autocast (fp32, bf16, or fp16 with a GradScaler), backward of the
-        loss normalised for accumulation (inside DDP's no_sync() except on the last micro-batch);
+        loss normalised for accumulation, without gradient communication except on the window's
+        last micro-batch (DDP / FSDP1: inside no_sync(); FSDP2: set_requires_gradient_sync(False));
         at the accumulation boundary:
         scaler.unscale_ -> (num_items mode) divide by the window's item count -> fp32 global norm
         -> clip (norm / value / agc / none) -> optimizer step, skipped if the norm is not finite
@@ -227,9 +232,14 @@ class TrainStep:
     Args:
         model, optimizer, loss_fn: loss_fn(model(input), target) must return a 0-d tensor.
         accum_steps: micro-batches per optimizer step.
-        clip: None (measure only), "norm" (needs max_norm, norm_type), "value" (needs
-            clip_value) or "agc" (agc_clipping, agc_eps, agc_exclude: parameters or modules left
-            unclipped, e.g. the final layer).
+        clip: "norm" (max_norm, norm_type: as torch.nn.utils.clip_grad_norm_), "value"
+            (clip_value: as clip_grad_value_), "agc" (agc_clipping, default 0.01; agc_eps, default
+            1e-3; agc_exclude: parameters or modules left unclipped, e.g. the final layer), None
+            (no clipping: the norm is measured only), or "auto" (the default): the mode whose
+            option is given, so max_norm=1.0 alone clips the norm as clip_grad_norm_ does, and no
+            option means no clipping. An option of another mode than `clip` (clip="value" with
+            max_norm, clip=None with max_norm, or "auto" with options of two modes) is a
+            ValueError: a threshold is never silently ignored.
         amp_dtype: None or torch.float32 (no autocast), torch.bfloat16, or torch.float16; fp16
             creates torch.amp.GradScaler(device) unless `scaler` is given.
         scheduler: stepped once per boundary, skipped steps included (as in PyTorch's AMP recipe;
@@ -242,8 +252,19 @@ class TrainStep:
     accum_steps, so equal micro-batches give the update of one batch accum_steps times larger.
     For summed losses (reduction="sum") pass num_items= (e.g. the number of non-ignored tokens,
     a device tensor) on every micro-batch: the gradients are divided by the window's total at the
-    boundary (under DDP the total over all ranks), i.e. the mean over all valid items. A window
-    with no items at all gets a NaN gradient, so its step is skipped (and counted).
+    boundary (under DDP or FSDP2 the total over all data-parallel ranks), i.e. the mean over all
+    valid items. A window with no items at all gets a NaN gradient, so its step is skipped (and
+    counted).
+
+    Data parallel: a model with no_sync() (DDP, FSDP1) runs the window's other micro-batches
+    inside it. Under FSDP2 (fully_shard on the model or on any of its submodules) every sharded
+    module gets set_requires_gradient_sync(False) for those micro-batches (backward keeps the
+    unsharded gradients locally) and True for the last one, whose backward reduce-scatters the
+    window's gradient once; the flag is True again after every call. The parameters' all-gathers
+    stay per micro-batch: resharding after backward is what keeps FSDP's memory low, and TrainStep
+    leaves set_reshard_after_backward alone (it must be True for the window's last backward:
+    with False, the optimizer steps the shards and the next forward reads the stale unsharded
+    parameters).
 
     Host syncs: none on micro-steps. At a boundary: none when the optimizer takes a found_inf
     tensor (fused=True Adam/AdamW/SGD: the skip happens on the device); otherwise one bool read to
@@ -251,8 +272,8 @@ class TrainStep:
     max_consecutive_skips boundaries at most, while no skip has been seen.
     """
 
-    def __init__(self, model, optimizer, loss_fn, *, accum_steps=1, clip=None, max_norm=None,
-                 norm_type=2.0, clip_value=None, agc_clipping=0.01, agc_eps=1e-3, agc_exclude=(),
+    def __init__(self, model, optimizer, loss_fn, *, accum_steps=1, clip="auto", max_norm=None,
+                 norm_type=2.0, clip_value=None, agc_clipping=None, agc_eps=None, agc_exclude=None,
                  amp_dtype=None, scaler=None, scheduler=None, max_consecutive_skips=50):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -263,17 +284,19 @@ class TrainStep:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
             raise ValueError(f"accum_steps must be an int >= 1, got {accum_steps!r}")
-        if clip not in CLIP_MODES:
-            raise ValueError(f"clip must be one of None, 'norm', 'value', 'agc'; got {clip!r}")
+        clip = _clip_mode(clip, max_norm=max_norm, clip_value=clip_value,
+                          agc_clipping=agc_clipping, agc_eps=agc_eps, agc_exclude=agc_exclude)
         if clip == "norm" and max_norm is None:
             raise ValueError("max_norm is required when clip='norm'")
         if clip == "value" and clip_value is None:
             raise ValueError("clip_value is required when clip='value'")
         self.max_norm = None if max_norm is None else _positive("max_norm", max_norm)
         self.clip_value = None if clip_value is None else _positive("clip_value", clip_value)
-        self.agc_clipping = _positive("agc_clipping", agc_clipping)
-        self.agc_eps = _positive("agc_eps", agc_eps)
-        self._agc_exclude = list(_param_ids_as_params(model, agc_exclude))
+        self.agc_clipping = _positive("agc_clipping", 0.01 if agc_clipping is None
+                                      else agc_clipping)
+        self.agc_eps = _positive("agc_eps", 1e-3 if agc_eps is None else agc_eps)
+        self._agc_exclude = list(_param_ids_as_params(
+            model, () if agc_exclude is None else agc_exclude))
         self.norm_type = _norm_type(norm_type)
         if amp_dtype == torch.float32:
             amp_dtype = None
@@ -299,6 +322,8 @@ class TrainStep:
         # Fused optimizers take found_inf and skip on the device (what GradScaler relies on).
         self._device_skip = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        # FSDP2 has no no_sync(): each fully_shard module carries its own gradient-sync flag.
+        self._fsdp2 = [] if hasattr(model, "no_sync") else _fsdp2_modules(model)
         self.steps = 0  # boundaries so far (optimizer steps attempted)
         self.micro_step = 0  # position in the current accumulation window
         self._consecutive = torch.zeros((), dtype=torch.int64, device=param.device)
@@ -341,7 +366,12 @@ class TrainStep:
         boundary = self.micro_step + 1 == self.accum_steps
         no_sync = getattr(self.model, "no_sync", None)
         # DDP reads its sync flag in forward too, so no_sync covers forward and backward.
-        ctx = no_sync() if (no_sync is not None and not boundary) else contextlib.nullcontext()
+        if self._fsdp2:
+            ctx = _fsdp2_sync(self._fsdp2, boundary)
+        elif no_sync is not None and not boundary:
+            ctx = no_sync()
+        else:
+            ctx = contextlib.nullcontext()
         with ctx:
             loss = self._forward(input, target)
             if self._summed:
@@ -368,16 +398,14 @@ class TrainStep:
         if self._summed:
             accum_loss = self._loss_sum / self._items
             total = self._items
-            if self._ddp:  # DDP averaged the ranks' summed gradients: * world / global total
-                import torch.distributed as dist
-                total = total.clone()
-                dist.all_reduce(total, group=self.model.process_group)
-                total = total / dist.get_world_size(self.model.process_group)
+            if self._ddp or self._fsdp2:
+                # The ranks' summed gradients were averaged: * world size / global total.
+                total = _mean_over_ranks(total, self.model, params, self._ddp)
             _scale_(_grads(params), 1.0 / total)
         else:
             accum_loss = self._loss_sum / self.accum_steps
         # .to: a no-op, except when no parameter has a gradient (a CPU zero)
-        norm = grad_norm(params, self.norm_type).to(self._consecutive.device)
+        norm = _local(grad_norm(params, self.norm_type)).to(self._consecutive.device)
         skipped = ~torch.isfinite(norm)  # decided before clipping: value clipping hides an inf
         coef = self._clip(params, norm)
         skipped_host = self._optimizer_step(skipped)
@@ -405,7 +433,7 @@ class TrainStep:
         else:
             adaptive_clip_grad_(params, self.agc_clipping, self.agc_eps, exclude=self._agc_exclude)
         # No single factor for value / AGC clipping: report the norm ratio after / before.
-        return torch.where(norm > 0, grad_norm(params, self.norm_type) / norm, 1.0)
+        return torch.where(norm > 0, _local(grad_norm(params, self.norm_type)) / norm, 1.0)
 
     def _optimizer_step(self, skipped) -> Optional[bool]:
         if self._device_skip:
@@ -463,6 +491,86 @@ class TrainStep:
         self._skipped_total = torch.as_tensor(state["skipped_steps"]).to(self._skipped_total.device)
         self._known, self._unverified = int(self._consecutive), 0  # a host read, outside any step
         self.micro_step, self._loss_sum, self._items = 0, None, None
+
+
+def _fsdp2_modules(model):
+    """The modules of `model`, itself included, sharded with fully_shard (FSDP2). fully_shard
+    comes from torch.distributed.fsdp: if nothing imported that, no module can be sharded by it
+    (and importing it here would cost seconds in every program)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    if fsdp_module is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, fsdp_module)]
+
+
+@contextlib.contextmanager
+def _fsdp2_sync(modules, sync):
+    """FSDP2's no_sync() when `sync` is False: backward accumulates the unsharded gradients
+    locally instead of reduce-scattering them. With `sync` True (the boundary) the flag is set
+    explicitly, so the window's gradient is reduced even if someone turned it off. Restored on
+    exit, as no_sync() is, so that an abandoned window cannot leave the model silently
+    unsynchronised. (set_is_last_backward(False) is for pipelining, which runs FSDP's
+    post-backward itself: here it keeps the micro-step's prefetch order, and the boundary's
+    backward then all-gathers one module too many.)"""
+    def set_sync(flag):
+        for m in modules:  # each module's own flag: the model may have no fully_shard root
+            m.set_requires_gradient_sync(flag, recurse=False)
+
+    set_sync(sync)
+    try:
+        yield
+    finally:
+        if not sync:
+            set_sync(True)
+
+
+def _local(t):
+    """A DTensor result (a norm of FSDP2's sharded gradients, already reduced) as a plain tensor."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return t if full_tensor is None else full_tensor()
+
+
+def _mean_over_ranks(total, model, params, ddp):
+    """Mean of `total` over the data-parallel ranks, the divisor DDP and FSDP2 apply to the
+    gradients. DDP: its process group. FSDP2: the device mesh of its sharded (DTensor) parameters;
+    a tensor-parallel dimension in that mesh sees the same batch, so it changes neither the mean
+    nor the result."""
+    import torch.distributed as dist
+
+    total = total.clone()
+    if ddp:
+        dist.all_reduce(total, group=model.process_group)
+        return total / dist.get_world_size(model.process_group)
+    mesh = next((p.device_mesh for p in params if hasattr(p, "device_mesh")), None)
+    if mesh is None:  # no sharded parameter in the optimizer: FSDP2's default, the world
+        dist.all_reduce(total)
+        return total / dist.get_world_size()
+    for dim in range(mesh.ndim):
+        dist.all_reduce(total, group=mesh.get_group(dim))
+    return total / mesh.size()
+
+
+def _clip_mode(clip, **options):
+    """The clip mode TrainStep runs: `clip` itself, or for "auto" the mode whose options were given
+    (none: no clipping). An option that the mode does not use is an error, not ignored."""
+    if not (clip is None or isinstance(clip, str)) or clip not in CLIP_MODES:
+        raise ValueError(f"clip must be one of 'auto', None, 'norm', 'value', 'agc'; got {clip!r}")
+    given = [name for name, value in options.items() if value is not None]
+    modes = [m for m, names in _CLIP_OPTIONS.items() if any(n in given for n in names)]
+    if clip == "auto":
+        if len(modes) > 1:
+            raise ValueError(f"clip='auto' takes the clipping mode from its options, but "
+                             f"{', '.join(given)} belong to different modes ({', '.join(modes)}); "
+                             "pass clip='norm', 'value' or 'agc' with that mode's options only")
+        clip = modes[0] if modes else None
+    stray = [n for n in given if n not in _CLIP_OPTIONS.get(clip, ())]
+    if stray:
+        takes = "; ".join(f"clip='{m}' takes {', '.join(names)}"
+                          for m, names in _CLIP_OPTIONS.items())
+        raise ValueError(f"{', '.join(stray)} {'is' if len(stray) == 1 else 'are'} not used with "
+                         f"clip={clip!r} ({takes})")
+    return clip
 
 
 def _param_ids_as_params(model, exclude):

@@ -282,6 +282,109 @@ def test_matches_hand_loop(amp_dtype):
     assert_same_params(ours, hand, rtol=1e-6, atol=1e-7)
 
 
+def grads_the_optimizer_sees(model, opt):
+    """A list filled, at every optimizer.step(), with float64 copies of the parameters' gradients
+    and values: what the update actually used, after TrainStep's clipping."""
+    seen = []
+    opt.register_step_pre_hook(lambda *_: seen.append(
+        [(p.grad.double().clone(), p.detach().double().clone()) for p in model.parameters()]))
+    return seen
+
+
+def unclipped_grads(model, x, y, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss_fn(model(x), y).backward()
+    grads = [p.grad.double().clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, INF])
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_norm_clipping_leaves_max_norm(norm_type, accum_steps):
+    """The gradient the optimizer steps with has global norm max_norm (the pre-clip norm was far
+    above it), points the same way as the unclipped one, and the result reports both norms."""
+    ce = fusedloss.CrossEntropyLoss()
+    model, max_norm = mlp(), 0.02
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = grads_the_optimizer_sees(model, opt)
+    step = fusedloss.TrainStep(model, opt, ce, accum_steps=accum_steps, max_norm=max_norm,
+                               norm_type=norm_type)
+    assert step.clip == "norm"  # inferred from max_norm, as clip_grad_norm_ takes it
+    for i, (x, y) in enumerate(batches(3, 16 * accum_steps)):
+        full = unclipped_grads(model, x, y, ce)  # the window's gradient: its mean over rows
+        for xm, ym in zip(x.chunk(accum_steps), y.chunk(accum_steps)):
+            r = step(xm, ym)
+        assert r.stepped and len(seen) == i + 1
+        grads = [g for g, _ in seen[-1]]
+        before, after = ref_norm(full, norm_type), ref_norm(grads, norm_type)
+        assert before > 2 * max_norm  # clipping had work to do
+        coef = max_norm / (before + 1e-6)  # torch's definition: the norm lands a hair below
+        torch.testing.assert_close(r.grad_norm.double(), before, rtol=1e-6, atol=0)
+        torch.testing.assert_close(after, before * coef, rtol=1e-6, atol=0)
+        torch.testing.assert_close(after, torch.tensor(max_norm, dtype=torch.float64),
+                                   rtol=1e-6 / max_norm, atol=0)
+        torch.testing.assert_close(r.clip_coef.double(), coef, rtol=1e-6, atol=0)
+        for g, f in zip(grads, full):  # scaled, not clamped: the direction is kept
+            torch.testing.assert_close(g, f * coef, rtol=1e-5, atol=1e-9)
+
+
+def test_value_clipping_bounds_every_element():
+    ce = fusedloss.CrossEntropyLoss()
+    model, clip_value = mlp(), 0.01
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = grads_the_optimizer_sees(model, opt)
+    step = fusedloss.TrainStep(model, opt, ce, clip_value=clip_value)
+    assert step.clip == "value"
+    for x, y in batches(3, 16):
+        full = unclipped_grads(model, x, y, ce)
+        r = step(x, y)
+        grads = [g for g, _ in seen[-1]]
+        assert max(f.abs().max() for f in full) > 4 * clip_value  # clipping had work to do
+        bound = torch.tensor(clip_value).item()  # clip_value as the fp32 gradients hold it
+        assert max(g.abs().max() for g in grads) == bound  # reached exactly, never passed
+        for g, f in zip(grads, full):  # clamped element-wise; the small ones are untouched
+            torch.testing.assert_close(g, f.clamp(-bound, bound), rtol=1e-6, atol=0)
+        torch.testing.assert_close(r.clip_coef.double(),
+                                   ref_norm(grads, 2) / ref_norm(full, 2), rtol=1e-5, atol=0)
+
+
+def unit_norms(t):
+    """float64 L2 norm of each AGC unit: the whole tensor if ndim <= 1, else each dim-0 slice."""
+    if t.ndim <= 1:
+        return torch.linalg.vector_norm(t)
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)))
+
+
+def test_agc_clipping_bounds_every_unit():
+    """Every unit's gradient norm is at most clipping * max(||W_unit||, eps) and equal to it
+    where the bound was exceeded; the excluded final layer keeps its gradient."""
+    ce = fusedloss.CrossEntropyLoss()
+    model, clipping, eps = mlp(), 0.02, 1e-3
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    seen = grads_the_optimizer_sees(model, opt)
+    step = fusedloss.TrainStep(model, opt, ce, agc_clipping=clipping, agc_exclude=model[2])
+    assert step.clip == "agc"
+    clipped_units = 0
+    for x, y in batches(3, 16):
+        full = unclipped_grads(model, x, y, ce)
+        step(x, y)
+        for (g, w), f, name in zip(seen[-1], full, [n for n, _ in model.named_parameters()]):
+            if name.startswith("2."):
+                torch.testing.assert_close(g, f, rtol=0, atol=0)  # excluded
+                continue
+            bound = unit_norms(w).clamp_min(eps) * clipping
+            g_norm, f_norm = unit_norms(g), unit_norms(f)
+            over = f_norm > bound
+            clipped_units += int(over.sum())
+            assert (g_norm <= bound * (1 + 1e-6)).all(), name
+            torch.testing.assert_close(torch.where(over, g_norm, bound), bound,
+                                       rtol=1e-6, atol=0)  # the clipped ones sit on the bound
+            torch.testing.assert_close(torch.where(over, f_norm, g_norm), f_norm,
+                                       rtol=0, atol=0)  # the others are untouched
+    assert clipped_units > 0
+
+
 @pytest.mark.parametrize("clip", [None, "norm"])
 def test_accumulation_equals_big_batch(clip):
     """k micro-batches of size b give the update (and the reported norm and loss) of one batch of
@@ -410,8 +513,9 @@ def test_nonfinite_gradient_skips_step(opt_name, value, clip):
     opt = OPTIMIZERS[opt_name](model.parameters())
     state = {"on": False}
     model[2].weight.register_hook(poison_hook(state, value))
-    step = fusedloss.TrainStep(model, opt, fusedloss.CrossEntropyLoss(), clip=clip, max_norm=1.0,
-                               clip_value=0.1, max_consecutive_skips=5)
+    threshold = {"norm": dict(max_norm=1.0), "value": dict(clip_value=0.1), "agc": {}}[clip]
+    step = fusedloss.TrainStep(model, opt, fusedloss.CrossEntropyLoss(), clip=clip, **threshold,
+                               max_consecutive_skips=5)
     data = batches(4, 8)
     for x, y in data[:2]:
         assert not step(x, y).skipped
@@ -529,6 +633,7 @@ def test_state_dict_round_trip():
     (dict(accum_steps=0), "accum_steps"),
     (dict(accum_steps=2.0), "accum_steps"),
     (dict(clip="l2"), "clip"),
+    (dict(clip=["norm"]), "clip"),
     (dict(clip="norm"), "max_norm"),
     (dict(clip="norm", max_norm=-1.0), "max_norm"),
     (dict(clip="value"), "clip_value"),
@@ -544,6 +649,47 @@ def test_train_step_bad_arguments(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
         fusedloss.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1),
                             fusedloss.CrossEntropyLoss(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, mode", [
+    ({}, None),
+    (dict(max_norm=1.0), "norm"),
+    (dict(max_norm=1.0, norm_type=INF), "norm"),
+    (dict(norm_type=1.0), None),  # norm_type also sets the measured norm: no clipping implied
+    (dict(clip_value=0.5), "value"),
+    (dict(agc_clipping=0.05), "agc"),
+    (dict(agc_exclude=[0]), "agc"),  # [0]: index into the model, resolved below
+    (dict(clip=None), None),
+    (dict(clip="agc"), "agc"),
+    (dict(clip="norm", max_norm=2.0), "norm"),
+])
+def test_clip_mode_inferred_from_its_option(kwargs, mode):
+    model = mlp()
+    if "agc_exclude" in kwargs:
+        kwargs = dict(agc_exclude=model[2])
+    step = fusedloss.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                               fusedloss.CrossEntropyLoss(), **kwargs)
+    assert step.clip == mode
+
+
+@pytest.mark.parametrize("kwargs, names", [
+    (dict(clip="value", clip_value=0.1, max_norm=1.0), ["max_norm", "clip='value'"]),
+    (dict(clip="norm", max_norm=1.0, clip_value=0.1), ["clip_value", "clip='norm'"]),
+    (dict(clip="norm", max_norm=1.0, agc_eps=1e-2), ["agc_eps", "clip='norm'"]),
+    (dict(clip="agc", max_norm=1.0), ["max_norm", "clip='agc'"]),
+    (dict(clip=None, max_norm=1.0), ["max_norm", "clip=None"]),
+    (dict(max_norm=1.0, clip_value=0.1), ["max_norm", "clip_value", "clip='auto'"]),
+    (dict(clip_value=0.1, agc_clipping=0.01), ["clip_value", "agc_clipping", "clip='auto'"]),
+])
+def test_clip_mode_conflicts_name_both(kwargs, names):
+    """A threshold that the clip mode would not use is an error naming it and `clip`, never a
+    silently unclipped (or differently clipped) step."""
+    model = mlp()
+    with pytest.raises(ValueError) as err:
+        fusedloss.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                            fusedloss.CrossEntropyLoss(), **kwargs)
+    for name in names:
+        assert name in str(err.value), (name, str(err.value))
 
 
 def test_train_step_bad_objects_and_loss():
