@@ -11,6 +11,7 @@ reduced in fp32); backward re-reads the inputs and returns the gradients with gr
 import torch
 
 from . import _backend
+from ._common import FusedLossValueError
 from .reference import acc_dtype
 
 REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
@@ -61,8 +62,9 @@ def broadcast_shape(name_a, a, name_b, b):
     try:
         return torch.broadcast_shapes(a.shape, b.shape)
     except RuntimeError:
-        raise ValueError(f"{name_b} of shape {tuple(b.shape)} does not broadcast with {name_a} of "
-                         f"shape {tuple(a.shape)}") from None
+        raise FusedLossValueError(
+            f"{name_b} of shape {tuple(b.shape)} does not broadcast with {name_a} of "
+            f"shape {tuple(a.shape)}") from None
 
 
 class ElementwiseLoss(torch.autograd.Function):

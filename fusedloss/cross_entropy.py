@@ -8,8 +8,9 @@ Probability targets take a plain-PyTorch path (fp32 math).
 import torch
 
 from . import _backend
-from ._common import (check_class_targets_for, check_index_target, check_same_device,
-                      check_tensor, class_count, class_weight_sum, reduce_loss, resolve_reduction)
+from ._common import (FusedLossValueError, check_class_targets_for, check_index_target,
+                      check_same_device, check_tensor, class_count, class_weight_sum, reduce_loss,
+                      resolve_reduction)
 from .reference import acc_dtype
 
 _FN = "fusedloss.cross_entropy"
@@ -150,22 +151,25 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if weight is not None:
         check_tensor("weight", weight)
         if weight.dim() != 1 or weight.numel() != n_classes:
-            raise ValueError(f"weight must have shape ({n_classes},) (one per class), "
-                             f"got {tuple(weight.shape)}")
+            raise FusedLossValueError(f"weight must have shape ({n_classes},) (one per class), "
+                                      f"got {tuple(weight.shape)}")
     check_same_device("input", input, target=target, weight=weight)
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+        raise FusedLossValueError(
+            f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     if not z_loss >= 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+        raise FusedLossValueError(f"z_loss must be >= 0, got {z_loss}")
 
     if target.is_floating_point():
         if target.shape != input.shape:
-            raise ValueError(f"probability target must have the input's shape {tuple(input.shape)}, "
-                             f"got {tuple(target.shape)}")
+            raise FusedLossValueError(
+                f"probability target must have the input's shape {tuple(input.shape)}, "
+                f"got {tuple(target.shape)}")
         return _cross_entropy_probs(input, target, weight, reduction, label_smoothing, z_loss)
     check_index_target(input, target, " or floating-point probabilities")
     if inplace_backward and input.requires_grad and input.is_leaf:
-        raise ValueError("inplace_backward=True overwrites input with its gradient, which cannot "
-                         "be done to a leaf tensor that requires grad")
+        raise FusedLossValueError(
+            "inplace_backward=True overwrites input with its gradient, which cannot "
+            "be done to a leaf tensor that requires grad")
     return _CrossEntropy.apply(input, target, weight, int(ignore_index), float(label_smoothing),
                                float(z_loss), reduction, bool(inplace_backward))

@@ -11,8 +11,9 @@ import numbers
 import torch
 
 from . import _backend
-from ._common import (check_class_targets_for, check_index_target, check_same_device,
-                      check_tensor, class_count, class_weight_sum, reduce_loss, resolve_reduction)
+from ._common import (FusedLossTypeError, FusedLossValueError, check_class_targets_for,
+                      check_index_target, check_same_device, check_tensor, class_count,
+                      class_weight_sum, reduce_loss, resolve_reduction)
 from .cross_entropy import _rows3d
 from .reference import acc_dtype
 
@@ -51,9 +52,9 @@ def _impl(name, t):
 
 def _check_gamma(gamma):
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not gamma >= 0:
-        raise ValueError(f"gamma must be a real number >= 0, got {gamma!r}")
+        raise FusedLossValueError(f"gamma must be a real number >= 0, got {gamma!r}")
     if gamma == float("inf"):
-        raise ValueError("gamma must be finite")
+        raise FusedLossValueError("gamma must be finite")
     return float(gamma)
 
 
@@ -109,31 +110,33 @@ def sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: float = 2.0,
     check_tensor("inputs", inputs)
     check_tensor("targets", targets, floating=False)
     if targets.shape != inputs.shape:
-        raise ValueError(f"targets must have the inputs' shape {tuple(inputs.shape)}, "
-                         f"got {tuple(targets.shape)}")
+        raise FusedLossValueError(f"targets must have the inputs' shape {tuple(inputs.shape)}, "
+                                  f"got {tuple(targets.shape)}")
     if targets.is_complex():
-        raise TypeError(f"targets must be real, got {targets.dtype}")
+        raise FusedLossTypeError(f"targets must be real, got {targets.dtype}")
     if targets.requires_grad:
-        raise ValueError("targets must not require grad: the fused kernel differentiates inputs "
-                         "only (pass targets.detach())")
+        raise FusedLossValueError(
+            "targets must not require grad: the fused kernel differentiates inputs "
+            "only (pass targets.detach())")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or alpha != alpha:
-        raise ValueError(f"alpha must be a real number (< 0 disables it), got {alpha!r}")
+        raise FusedLossValueError(f"alpha must be a real number (< 0 disables it), got {alpha!r}")
     gamma = _check_gamma(gamma)
     if normalizer is not None:
         if isinstance(normalizer, torch.Tensor):
             if normalizer.numel() != 1:
-                raise ValueError(f"normalizer must be a number or a one-element tensor, got shape "
-                                 f"{tuple(normalizer.shape)}")
+                raise FusedLossValueError(
+                    f"normalizer must be a number or a one-element tensor, got shape "
+                    f"{tuple(normalizer.shape)}")
             if normalizer.is_complex():
-                raise TypeError(f"normalizer must be real, got {normalizer.dtype}")
+                raise FusedLossTypeError(f"normalizer must be real, got {normalizer.dtype}")
             check_same_device("inputs", inputs, normalizer=normalizer)
         elif isinstance(normalizer, numbers.Real) and not isinstance(normalizer, bool):
             if not normalizer >= 0:
-                raise ValueError(f"normalizer must be >= 0, got {normalizer!r}")
+                raise FusedLossValueError(f"normalizer must be >= 0, got {normalizer!r}")
             normalizer = torch.tensor(float(normalizer), device=inputs.device)
         else:
-            raise TypeError(f"normalizer must be a number or a tensor, "
-                            f"got {type(normalizer).__name__}")
+            raise FusedLossTypeError(f"normalizer must be a number or a tensor, "
+                                     f"got {type(normalizer).__name__}")
     check_same_device("inputs", inputs, targets=targets)
     return _SigmoidFocal.apply(inputs, targets, float(alpha), gamma, reduction, normalizer)
 
@@ -201,9 +204,11 @@ def softmax_focal_loss(input, target, gamma: float = 2.0, alpha=None, ignore_ind
         elif isinstance(alpha, torch.Tensor):
             check_tensor("alpha", alpha)
             if alpha.dim() != 1 or alpha.numel() != n_classes:
-                raise ValueError(f"alpha must be a number or have shape ({n_classes},) (one per "
-                                 f"class), got {tuple(alpha.shape)}")
+                raise FusedLossValueError(
+                    f"alpha must be a number or have shape ({n_classes},) (one per "
+                    f"class), got {tuple(alpha.shape)}")
         else:
-            raise TypeError(f"alpha must be None, a number or a tensor, got {type(alpha).__name__}")
+            raise FusedLossTypeError(
+                f"alpha must be None, a number or a tensor, got {type(alpha).__name__}")
     check_same_device("input", input, target=target, alpha=alpha)
     return _SoftmaxFocal.apply(input, target, alpha, gamma, int(ignore_index), reduction)
