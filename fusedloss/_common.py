@@ -76,6 +76,19 @@ def check_class_targets(fn: str, target: torch.Tensor, n_classes: int, ignore_in
         raise IndexError(f"{fn}: target {value} is out of bounds for {n_classes} classes")
 
 
+def amp_dtype(t: torch.Tensor) -> torch.dtype:
+    """t's dtype as torch's losses see it under torch.autocast for t's device: fp16 and bf16 count
+    as fp32. Every loss here is on autocast's fp32 list (binary_cross_entropy_with_logits,
+    huber_loss, smooth_l1_loss; cross_entropy through log_softmax and nll_loss; torchvision's
+    sigmoid focal loss through BCE and pow), so torch casts a half-precision input to fp32 and
+    returns fp32. fusedloss reads the half-precision input in place, computes in fp32 as always,
+    and returns the loss in this dtype; the gradient keeps the input's dtype. fp64 is not cast."""
+    if (t.dtype in (torch.float16, torch.bfloat16) and t.device.type in ("cpu", "cuda")
+            and torch.is_autocast_enabled(t.device.type)):
+        return torch.float32
+    return t.dtype
+
+
 def reduce_loss(loss: torch.Tensor, reduction: str, denom=None) -> torch.Tensor:
     """Reduce a per-element loss (kept in the accumulation dtype): sum, or sum / denom for mean
     (denom a device tensor, default numel); 'none' returns it as is."""

@@ -8,7 +8,7 @@ Probability targets take a plain-PyTorch path (fp32 math).
 import torch
 
 from . import _backend
-from ._common import (FusedLossValueError, check_class_targets_for, check_index_target,
+from ._common import (FusedLossValueError, amp_dtype, check_class_targets_for, check_index_target,
                       check_same_device, check_tensor, class_count, class_weight_sum, reduce_loss,
                       resolve_reduction)
 from .reference import acc_dtype
@@ -87,7 +87,7 @@ class _CrossEntropy(torch.autograd.Function):
                        and x3.data_ptr() == input.data_ptr())
         ctx.reduction, ctx.options = reduction, (ignore_index, label_smoothing, z_loss)
         ctx.save_for_backward(input, t, w, lse, denom)
-        return out.to(input.dtype)
+        return out.to(amp_dtype(input))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -127,7 +127,7 @@ def _cross_entropy_probs(input, target, weight, reduction, label_smoothing, z_lo
     loss = -(t * logp).sum(dim)
     if z_loss:
         loss = loss + z_loss * torch.logsumexp(input.to(acc), dim=dim).square()
-    return reduce_loss(loss, reduction).to(input.dtype)
+    return reduce_loss(loss, reduction).to(amp_dtype(input))
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,

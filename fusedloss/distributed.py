@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _backend
-from ._common import (FusedLossTypeError, FusedLossValueError, check_class_targets,
+from ._common import (FusedLossTypeError, FusedLossValueError, amp_dtype, check_class_targets,
                       check_same_device, check_tensor, resolve_reduction)
 from .cross_entropy import _ce_forward
 from .reference import acc_dtype
@@ -123,7 +123,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             out = loss.sum() * scale
         ctx.save_for_backward(x, lse.to(acc), t_loc, in_slice, ok, vocab.to(acc), scale)
         ctx.eps, ctx.z, ctx.reduction = eps, z, reduction
-        return out.to(x.dtype)
+        return out.to(amp_dtype(x))
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -11,7 +11,7 @@ import numbers
 import torch
 
 from . import _backend
-from ._common import (FusedLossTypeError, FusedLossValueError, check_class_targets_for,
+from ._common import (FusedLossTypeError, FusedLossValueError, amp_dtype, check_class_targets_for,
                       check_index_target, check_same_device, check_tensor, class_count,
                       class_weight_sum, reduce_loss, resolve_reduction)
 from .cross_entropy import _rows3d
@@ -80,7 +80,7 @@ class _SigmoidFocal(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if compute_grad:
             ctx.save_for_backward(grad)
-        return out.to(inputs.dtype)
+        return out.to(amp_dtype(inputs))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -166,7 +166,7 @@ class _SoftmaxFocal(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if compute_grad:
             ctx.save_for_backward(grad.view(input.shape))
-        return out.to(input.dtype)
+        return out.to(amp_dtype(input))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
