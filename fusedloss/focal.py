@@ -11,9 +11,10 @@ import numbers
 import torch
 
 from . import _backend
-from ._common import (FusedLossTypeError, FusedLossValueError, amp_dtype, check_class_targets_for,
-                      check_index_target, check_same_device, check_tensor, class_count,
-                      class_weight_sum, reduce_loss, resolve_reduction)
+from ._common import (REDUCTIONS, FusedLossTypeError, FusedLossValueError, amp_dtype,
+                      check_class_targets_for, check_index_target, check_same_device,
+                      check_tensor, class_count, class_weight_sum, reduce_loss,
+                      resolve_reduction)
 from .cross_entropy import _rows3d
 from .reference import acc_dtype
 
@@ -98,15 +99,18 @@ def sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: float = 2.0,
     """torchvision.ops.sigmoid_focal_loss, fused and finite for every gamma >= 0 and logit.
 
     inputs: logits of any shape; targets: same shape, in [0, 1] (soft targets allowed; converted
-    to the inputs' dtype). alpha in [0, 1] weights positives (1 - alpha the negatives); alpha < 0
-    disables the weighting. reduction: 'none' | 'mean' (over all elements) | 'sum'.
+    to the inputs' dtype). alpha in [0, 1] weights positives (1 - alpha the negatives); alpha = -1
+    disables the weighting; other values raise ValueError, as torchvision 0.29 does.
+    reduction: 'none' | 'mean' (over all elements) | 'sum' (else ValueError, torchvision's text).
     normalizer (keyword-only): a number or a one-element tensor (e.g. the number of positive
     anchors, kept on the device) that divides the loss: with 'sum' or 'mean' the result is
     sum / normalizer (it replaces the element count of 'mean'); with 'none' each element is
     divided. A normalizer equal to 0 counts as 1, decided on the device (no host sync).
     The gradient is taken with respect to inputs only; targets must not require grad.
     """
-    reduction = resolve_reduction(reduction)
+    if reduction not in REDUCTIONS:  # torchvision's message (its tests match "Invalid")
+        raise FusedLossValueError(f"Invalid Value for arg 'reduction': '{reduction} \n Supported "
+                                  f"reduction modes: 'none', 'mean', 'sum'")
     check_tensor("inputs", inputs)
     check_tensor("targets", targets, floating=False)
     if targets.shape != inputs.shape:
@@ -118,8 +122,11 @@ def sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: float = 2.0,
         raise FusedLossValueError(
             "targets must not require grad: the fused kernel differentiates inputs "
             "only (pass targets.detach())")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or alpha != alpha:
-        raise FusedLossValueError(f"alpha must be a real number (< 0 disables it), got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise FusedLossTypeError(f"alpha must be a real number, got {type(alpha).__name__}")
+    if not 0 <= alpha <= 1 and alpha != -1:  # torchvision's rule and message (0.29)
+        raise FusedLossValueError(f"Invalid alpha value: {alpha}. alpha must be in the range [0,1] "
+                                  f"or -1 for ignore.")
     gamma = _check_gamma(gamma)
     if normalizer is not None:
         if isinstance(normalizer, torch.Tensor):
