@@ -141,9 +141,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         buffer (class-index targets; input must not be a leaf). After backward `input` holds its
         gradient; autograd raises if a later backward (another user of the logits, or a second
         backward through this loss) needs the overwritten values. Ignored under torch.compile.
-    Target range: checked on every backend; on CUDA the check reads the target on the host in
-    eager mode and is skipped under torch.compile / CUDA-graph capture (out-of-range rows then
-    contribute 0 instead of raising).
+    Target range: an index outside [0, C) that is not ignore_index raises IndexError on CPU
+    tensors; on CUDA it trips a device-side assertion (no host sync; see
+    _common.check_class_targets_for).
     """
     reduction = resolve_reduction(reduction, size_average, reduce)
     n_classes = class_count(input)

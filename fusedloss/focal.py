@@ -197,7 +197,7 @@ def softmax_focal_loss(input, target, gamma: float = 2.0, alpha=None, ignore_ind
     shape (), (N) or (N, d1, ..., dk). alpha: None, a number, or a per-class tensor (C,).
     'mean' divides by the sum of alpha_t over non-ignored rows (the count without alpha), so with
     gamma = 0 this equals cross_entropy(input, target, weight=alpha, ignore_index=...).
-    Target range: checked on every backend; on CUDA in eager mode only (as cross_entropy).
+    Target range: as cross_entropy (IndexError on CPU tensors, a device-side assert on CUDA).
     """
     reduction = resolve_reduction(reduction)
     n_classes = class_count(input)
