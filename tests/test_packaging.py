@@ -160,6 +160,13 @@ print((x.grad - xr.grad).abs().max().item())
     assert where == str(site / "fusedloss" / "__init__.py")
     assert "compiling" not in out.stderr and not (tmp_path / "cache").exists()
     assert float(diff) < 1e-12
+    # Under another torch the library is not loaded (here compiling anew is turned off).
+    stamp = site / "fusedloss" / _extension.STAMP
+    stamp.write_text(json.dumps({**info, "torch": "0.0.1"}))
+    code = "import fusedloss; r = fusedloss.backends(); print(r['cpu'], '|', r.reasons['cpu'])"
+    out = run([PY, "-c", code], cwd=tmp_path, PYTHONPATH=site, FUSEDLOSS_JIT="0")
+    assert f"reference | plain PyTorch: fusedloss._C was built for torch 0.0.1, this is torch " \
+           f"{torch.__version__}" in out.stdout, out.stdout
 
 
 def test_editable_clone_named_fusedloss_imports_from_its_parent_folder(tmp_path, no_torch):
@@ -232,3 +239,13 @@ def test_setup_does_nothing_when_up_to_date():
     out = run(["bash", ROOT / ".ci" / "setup", "test"], cwd=ROOT, PYTHON=PY)
     assert "[setup] nothing to build" in out.stdout, out.stdout
     assert "compiling" not in out.stdout and "installing" not in out.stdout
+
+
+def test_ninja_from_the_interpreters_folder(monkeypatch):
+    """pip's ninja lands beside the interpreter (a venv's bin/), on PATH only in an activated venv:
+    compiling puts that folder on PATH for its duration."""
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setenv("PATH", "/nowhere")
+    with _extension.ninja_on_path():
+        assert os.path.dirname(sys.executable) in os.environ["PATH"].split(os.pathsep)
+    assert os.environ["PATH"] == "/nowhere"
