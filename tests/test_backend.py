@@ -141,3 +141,19 @@ def test_backends_report(monkeypatch):
     monkeypatch.setattr(_backend, "CPP_STATUS", "fusedloss._C is not built")
     report = fusedloss.backends()
     assert report["cpu"] == "reference" and "fusedloss._C is not built" in report.reasons["cpu"]
+
+
+def test_use_backend_under_torch_compile(monkeypatch):
+    """torch.compile guards on the setting: a compiled function follows the block it is called in."""
+    calls = _spy(monkeypatch, "cross_entropy_fwd")
+    f = torch.compile(lambda x, t: fusedloss.functional.cross_entropy(x, t), fullgraph=True,
+                      backend="eager")
+    x, t = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    expected = torch.nn.functional.cross_entropy(x, t)
+    torch.testing.assert_close(f(x, t), expected)
+    assert sum(calls.values()) == 0
+    with fusedloss.use_backend("reference"):
+        torch.testing.assert_close(f(x, t), expected)
+    assert calls["cross_entropy_fwd"] == 1
+    torch.testing.assert_close(f(x, t), expected)
+    assert calls["cross_entropy_fwd"] == 1
