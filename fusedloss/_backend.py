@@ -5,58 +5,159 @@
 - "triton": call the Triton launcher directly (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
 - "reference": plain PyTorch (fusedloss.reference), the fallback when the C++ extension is missing.
 
-FUSEDLOSS_BACKEND=triton|cpp|reference forces one; it is read once, at import.
+FUSEDLOSS_BACKEND=triton|cpp|reference forces one for the process (read once, at import);
+use_backend() forces one for a block of code. backends() says what runs where, and why.
 """
+import contextlib
 import os
 import warnings
 
 import torch
 
+from . import _extension
+
+_NAMES = ("triton", "cpp", "reference")
 _ENV = os.environ.get("FUSEDLOSS_BACKEND", "").strip().lower()
-if _ENV not in ("", "auto", "triton", "cpp", "reference"):
+if _ENV not in ("", "auto", *_NAMES):
     raise ValueError(f"FUSEDLOSS_BACKEND must be one of triton, cpp, reference; got {_ENV!r}")
 
-try:
-    from fusedloss import _C  # noqa: F401  (loading it registers the ops and CPU kernels)
+# Set by use_backend(): None (no override), "" (by device) or one of _NAMES.
+_override = None
 
-    HAS_CPP = True
-except ImportError as exc:  # not built: still importable, on the reference implementation
-    HAS_CPP = False
+# Loads fusedloss._C, built at install time or else compiled on first import (see _extension).
+HAS_CPP, CPP_STATUS = _extension.load(os.path.dirname(os.path.abspath(__file__)))
+if not HAS_CPP:  # still importable, on the reference implementation
     warnings.warn(
-        "fusedloss: the C++ extension fusedloss._C is not built "
-        f"({exc}); CPU losses fall back to the slower reference implementation. "
-        "Build it with `pip install --no-build-isolation -e .`.",
+        f"fusedloss: CPU losses fall back to the slower reference implementation: {CPP_STATUS}. "
+        "Build the C++ extension with `pip install --no-build-isolation .` (in a clone: "
+        "`bash .ci/setup`).",
         RuntimeWarning,
         stacklevel=2,
     )
 
 try:
-    import triton  # noqa: F401
+    import triton
 
-    HAS_TRITON = True
+    HAS_TRITON, TRITON_VERSION = True, triton.__version__
 except ImportError:
-    HAS_TRITON = False
+    HAS_TRITON, TRITON_VERSION = False, None
 
 if _ENV == "cpp" and not HAS_CPP:
-    raise ImportError("FUSEDLOSS_BACKEND=cpp, but the C++ extension fusedloss._C is not built")
+    raise ImportError(f"FUSEDLOSS_BACKEND=cpp, but the C++ extension is not available: "
+                      f"{CPP_STATUS}")
 if _ENV == "triton" and not HAS_TRITON:
     raise ImportError("FUSEDLOSS_BACKEND=triton, but triton is not installed")
 
 
-def backend_for(t: torch.Tensor) -> str:
-    """'op', 'triton' or 'reference' for a tensor on t's device. Meta and fake tensors take the
-    registered op (its fake kernel) whatever FUSEDLOSS_BACKEND says, as torch's losses do."""
-    if HAS_CPP and not has_values(t):
-        return "op"
-    if _ENV == "triton":
-        return "triton"
-    if _ENV == "reference":
-        return "reference"
-    if t.device.type == "cuda":
+def _forced() -> str:
+    """The forced backend name ("" = by device): use_backend()'s, else FUSEDLOSS_BACKEND's."""
+    forced = _ENV if _override is None else _override
+    return "" if forced == "auto" else forced
+
+
+def _choose(device_type: str) -> str:
+    forced = _forced()
+    if forced in ("triton", "reference"):
+        return forced
+    if device_type == "cuda":
         if HAS_CPP and HAS_TRITON:
             return "op"
         return "triton" if HAS_TRITON else "reference"
-    return "op" if HAS_CPP and t.device.type == "cpu" else "reference"
+    return "op" if HAS_CPP and device_type == "cpu" else "reference"
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """'op', 'triton' or 'reference' for a tensor on t's device. Meta and fake tensors take the
+    registered op (its fake kernel) whatever backend is forced, as torch's losses do."""
+    if HAS_CPP and not has_values(t):
+        return "op"
+    return _choose(t.device.type)
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run the losses called inside the block on one backend: "cpp", "triton" or "reference", or
+    None to choose by device (ignoring FUSEDLOSS_BACKEND). It overrides FUSEDLOSS_BACKEND, nests,
+    and is undone on leaving the block, exception or not. For comparing backends in one process:
+
+        with fusedloss.use_backend("reference"):
+            expected = loss_fn(logits, target)
+
+    "cpp" is the choice by device with the C++ extension required (CPU tensors run the C++
+    kernels, CUDA tensors the Triton kernels behind the same ops); "triton" on CPU tensors needs
+    TRITON_INTERPRET=1 set before fusedloss is imported. A loss's backward runs on the backend its
+    forward ran on, even outside the block.
+
+    The setting is process-wide (a module-level variable), not per thread: autograd runs CUDA
+    backward passes on threads of its own, and torch.compile guards on module-level state, so a
+    compiled function recompiles for each setting it is called under. Do not switch backends from
+    several threads at once.
+    """
+    global _override
+    if name is not None and name not in _NAMES:
+        raise ValueError(f"use_backend: name must be one of 'cpp', 'triton', 'reference' or None, "
+                         f"got {name!r}")
+    if name == "cpp" and not HAS_CPP:
+        raise RuntimeError(f"use_backend('cpp'): the C++ extension is not available: {CPP_STATUS}")
+    if name == "triton" and not HAS_TRITON:
+        raise RuntimeError("use_backend('triton'): triton is not installed")
+    previous, _override = _override, "" if name is None else name
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+class Backends(dict):
+    """Device type ("cpu", "cuda") -> the backend its losses run on ("cpp", "triton" or
+    "reference"); .reasons holds why, and str() prints both."""
+
+    def __init__(self, choices, reasons):
+        super().__init__(choices)
+        self.reasons = reasons
+
+    def __str__(self):
+        head = f"fusedloss {_version()} on torch {torch.__version__}"
+        rows = [f"  {d + ':':5} {b:10} {self.reasons[d]}" for d, b in self.items()]
+        return "\n".join([head] + rows)
+
+
+def _version():
+    from . import __version__
+
+    return __version__
+
+
+def backends() -> Backends:
+    """Which implementation the losses run on for CPU and for CUDA tensors now, and why: the C++
+    extension (built at install time, compiled on first use, or missing and why), triton
+    (importable or not), and any override (use_backend(), FUSEDLOSS_BACKEND)."""
+    forced = _forced()
+    by = (f"use_backend({_override or None!r})" if _override is not None
+          else f"FUSEDLOSS_BACKEND={_ENV}")
+    triton_txt = f"triton {TRITON_VERSION}" if HAS_TRITON else "triton is not installed"
+    no_gpu = "" if torch.cuda.is_available() else "; no CUDA device visible now"
+    choices, reasons = {}, {}
+    for device in ("cpu", "cuda"):
+        be = _choose(device)
+        if forced in ("triton", "reference"):
+            why = f"forced by {by}"
+            if be == "triton" and device == "cpu":
+                why += " (CPU tensors run Triton only under TRITON_INTERPRET=1)"
+        elif device == "cpu":
+            why = ("C++ kernels: " if be == "op" else "plain PyTorch: ") + CPP_STATUS
+        elif be == "op":
+            why = f"Triton kernels ({triton_txt}) behind torch.ops.fusedloss{no_gpu}"
+        elif be == "triton":
+            why = (f"Triton kernels ({triton_txt}), called directly: the ops are not registered "
+                   f"without the C++ extension{no_gpu}")
+        else:
+            why = f"plain PyTorch: {triton_txt} (the CUDA kernels need it){no_gpu}"
+        if forced == "cpp":
+            why += f" (cpp required by {by})"
+        choices[device] = {"op": "cpp" if device == "cpu" else "triton"}.get(be, be)
+        reasons[device] = why
+    return Backends(choices, reasons)
 
 
 def impl(backend: str, triton_module, name: str):

@@ -93,7 +93,8 @@ class ElementwiseLoss(torch.autograd.Function):
         pw = None if pos_weight is None else pos_weight.to(acc).expand(shape)
         x4, y4, w4, pw4 = view4(x, y, w, pw)
         fwd, _ = IMPLS[kind]
-        loss = fwd(_backend.backend_for(x4), x4, y4, w4, pw4, params, REDUCTION_CODE[reduction])
+        ctx.backend = _backend.backend_for(x4)  # backward runs where forward ran (use_backend)
+        loss = fwd(ctx.backend, x4, y4, w4, pw4, params, REDUCTION_CODE[reduction])
         ctx.set_materialize_grads(False)
         ctx.kind, ctx.params, ctx.reduction = kind, params, reduction
         ctx.shapes = (input.shape, target.shape)
@@ -112,7 +113,7 @@ class ElementwiseLoss(torch.autograd.Function):
         go = grad_out.to(x.dtype).expand(x.shape)
         x4, y4, w4, pw4, go4 = view4(x, y, w, pw, go)
         _, bwd = IMPLS[ctx.kind]
-        gx, gy = bwd(_backend.backend_for(x4), go4, x4, y4, w4, pw4, ctx.params,
+        gx, gy = bwd(ctx.backend, go4, x4, y4, w4, pw4, ctx.params,
                      REDUCTION_CODE[ctx.reduction], need_gx, need_gy)
         grads = []
         for g, need, shape in ((gx, need_gx, ctx.shapes[0]), (gy, need_gy, ctx.shapes[1])):

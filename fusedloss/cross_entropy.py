@@ -86,6 +86,7 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.inplace = (inplace and ctx.needs_input_grad[0] and not torch.compiler.is_compiling()
                        and x3.data_ptr() == input.data_ptr())
         ctx.reduction, ctx.options = reduction, (ignore_index, label_smoothing, z_loss)
+        ctx.backend = _backend.backend_for(x3)  # backward runs where forward ran (use_backend)
         ctx.save_for_backward(input, t, w, lse, denom)
         return out.to(amp_dtype(input))
 
@@ -99,7 +100,7 @@ class _CrossEntropy(torch.autograd.Function):
         if denom is not None:
             scale = scale / denom
         scale = scale.contiguous()
-        be = _backend.backend_for(x3)
+        be = ctx.backend
         if ctx.inplace:
             # The lean path: the logits' memory receives their gradient. The saved input's
             # version changes, so a second backward, or any other backward that saved the
