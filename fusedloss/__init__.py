@@ -9,6 +9,7 @@ from .distributed import VocabParallelCrossEntropyLoss
 from .modules import (BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, SigmoidFocalLoss,
                       SmoothL1Loss, SoftmaxFocalLoss)
 from .training import TrainStep
+from .linear_cross_entropy import LinearCrossEntropy, LinearCrossEntropyLoss  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,5 @@ __all__ = [
     "functional", "reference", "training",
     "CrossEntropyLoss", "BCEWithLogitsLoss", "HuberLoss", "SmoothL1Loss",
     "SigmoidFocalLoss", "SoftmaxFocalLoss", "VocabParallelCrossEntropyLoss", "TrainStep",
+    "LinearCrossEntropy", "LinearCrossEntropyLoss",
 ]
