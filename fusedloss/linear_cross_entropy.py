@@ -148,7 +148,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # The gradient of sum (or mean) is known up to the scalar grad_output: form it now.
             scale = (denom.reciprocal() if denom is not None else x.new_ones((), dtype=acc))
             loss, gi, gw, gb = _run(x, lw, lb, t, w, scale.reshape(1), *opts, *need)
-            ctx.save_for_backward(gi, gw, gb)
+            # The inputs too (references, no copies): a second backward (retain_graph,
+            # gradcheck) recomputes, since the first one scales gi, gw, gb in place (held on
+            # ctx, not saved: saved tensors may not change before they are unpacked).
+            ctx.save_for_backward(x, lw, lb, t, w, scale)
+            ctx.grads = (gi, gw, gb)
         else:
             loss = _run(x, lw, lb, t, w, None, *opts, False, False, False)[0]
             if any(need):  # 'none': backward recomputes the blocks with the per-row grad_output
@@ -164,23 +168,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        gi = gw = gb = None
         if ctx.reduction != "none":
-            if ctx.consumed:
-                raise RuntimeError(f"{_FN}: backward through the same call twice (retain_graph) "
-                                   f"is not supported with reduction={ctx.reduction!r}: the "
-                                   f"gradients formed in forward were already handed out")
-            ctx.consumed = True
-            gi, gw, gb = ctx.saved_tensors
-            # The forward's buffers become the gradients: scaled in place, no second copy.
             g = grad_out.reshape(())
-            gi, gw, gb = (t.mul_(g.to(t.dtype)) if need else None
-                          for t, need in zip((gi, gw, gb), ctx.need))
+            if not ctx.consumed:
+                # The forward's buffers become the gradients: scaled in place, no second copy.
+                ctx.consumed = True
+                gi, gw, gb = (b.mul_(g.to(b.dtype)) for b in ctx.grads)
+                ctx.grads = None
+            else:  # a second backward through this call: recompute (3 GEMMs)
+                x, lw, lb, t, w, scale = ctx.saved_tensors
+                scale = (scale * g.to(scale.dtype)).reshape(1)
+                _, gi, gw, gb = _run(x, lw, lb, t, w, scale, *ctx.opts, *ctx.need)
         else:
             x, lw, lb, t, w = ctx.saved_tensors
             scale = grad_out.reshape(-1).to(acc_dtype(x.dtype)).contiguous()
             _, gi, gw, gb = _run(x, lw, lb, t, w, scale, *ctx.opts, *ctx.need)
-            gi, gw, gb = (g if need else None for g, need in zip((gi, gw, gb), ctx.need))
+        gi, gw, gb = (b if need else None for b, need in zip((gi, gw, gb), ctx.need))
         return gi, gw, gb, None, None, None, None, None, None, None, None, None
 
 
