@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from . import _backend
-from ._common import (check_class_targets, check_class_targets_for, check_same_device,
-                      check_tensor, class_weight_sum, resolve_reduction)
+from ._common import (check_class_targets_for, check_same_device, check_tensor,
+                      class_weight_sum, resolve_reduction)
 from .reference import acc_dtype
 
 _FN = "fusedloss.linear_cross_entropy"
@@ -187,6 +187,127 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gi, gw, gb, None, None, None, None, None, None, None, None, None
 
 
+def _check_group(group, start):
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{_FN}: process_group needs an initialised torch.distributed "
+                           f"process group (dist.init_process_group)")
+    if dist.get_rank(group) < 0:
+        raise ValueError("this rank is not a member of process_group")
+    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
+        raise ValueError(f"vocab_start_index must be a non-negative int or None, got {start!r}")
+
+
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    """Vocab-parallel head: this rank holds rows [start, start + V_r) of linear_weight (and
+    linear_bias); input and target are the same on every rank.
+
+    forward   per block: logits = x W_r^T (+ b_r) (GEMM 1) and the cross-entropy kernel's local
+              lse (and row sum for smoothing), the target logit where the target is local; then
+              fusedloss.distributed's one packed all-gather gives the exact full-vocab loss.
+    backward  recomputes each block's logits (GEMM 1 again: the gradient needs the GLOBAL lse,
+              known only after every block's forward), dlogits from it, then GEMMs 2 and 3 into
+              grad_input (partial: this rank's classes only) and grad_weight / grad_bias of the
+              local slice. The only collective: an all-reduce (sum) of grad_input over the group
+              when reduce_grad_input (the exact gradient of the replicated input on every rank).
+    4 GEMMs per forward + backward; the logits block and its fp32 gradient are the only [*, V_r]
+    memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lw, lb, t, group, start, ignore_index, eps, z, reduction, block_rows,
+                reduce_gi, out_dtype):
+        from .distributed import combine_shards, shard_start
+
+        dev, acc = x.device, acc_dtype(x.dtype)
+        n, width = t.numel(), lw.shape[0]
+        start = shard_start(width, start, group, dev)
+        valid = t != ignore_index
+        local = t - start
+        in_slice = valid & (local >= 0) & (local < width)
+        t_loc = local.clamp(0, max(width - 1, 0))
+        lse_r = torch.full((n,), -float("inf"), dtype=acc, device=dev)  # empty shard: exp(-inf) = 0
+        sum_r, x_y = torch.zeros(n, dtype=acc, device=dev), torch.zeros(n, dtype=acc, device=dev)
+        if width > 0:
+            ce_fwd = _backend.impl(_backend.backend_for(x), _tk, "cross_entropy_fwd")
+            for r, nb, x_blk, logits in _logit_blocks(x, lw, lb, block_rows):
+                tl_blk = t_loc[r:r + nb]
+                with _device_guard(x):
+                    # ignore_index -1 never matches t_loc >= 0: every row's lse. With eps = 1 the
+                    # kernel's row loss is lse_r - sum_r / V_r: the row sum in the same read.
+                    loss_k, lse_k = ce_fwd(logits.unsqueeze(-1), tl_blk, None, -1,
+                                           1.0 if eps else 0.0, 0.0)
+                lse_r[r:r + nb] = lse_k
+                if eps:
+                    sum_r[r:r + nb] = width * (lse_k - loss_k)
+                x_y[r:r + nb] = torch.where(in_slice[r:r + nb],
+                                            logits.gather(1, tl_blk[:, None])[:, 0].to(acc), 0.0)
+        loss, lse, ok, vocab = combine_shards(lse_r, x_y, sum_r, t, start, width, group,
+                                              ignore_index, eps, z)
+        scale = None
+        if reduction == "none":
+            out = loss
+        elif reduction == "sum":
+            out = loss.sum()
+        else:
+            scale = valid.sum(dtype=acc).reciprocal()  # a device tensor: no host sync
+            out = loss.sum() * scale
+        ctx.save_for_backward(x, lw, lb, lse.to(acc), t_loc, in_slice, ok, vocab.to(acc), scale)
+        ctx.opts = (group, eps, z, reduction, block_rows, reduce_gi)
+        return out.to(out_dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        import torch.distributed as dist
+
+        from .distributed import shard_grad
+
+        x, lw, lb, lse, t_loc, in_slice, ok, vocab, scale = ctx.saved_tensors
+        group, eps, z, reduction, block_rows, reduce_gi = ctx.opts
+        n = t_loc.numel()
+        row = grad_out.reshape(-1) if reduction == "none" else grad_out.reshape(1).expand(n)
+        row = row.to(lse.dtype)
+        if scale is not None:
+            row = row * scale
+        row = torch.where(ok, row, 0.0)  # ignored rows 0 even when scale is inf (all ignored)
+        gi = torch.zeros_like(x, memory_format=torch.contiguous_format)
+        gw = torch.zeros_like(lw) if ctx.needs_input_grad[1] else None
+        gb = torch.zeros_like(lb, dtype=lse.dtype) if lb is not None and ctx.needs_input_grad[2] \
+            else None
+        if lw.shape[0] > 0:
+            for r, nb, x_blk, logits in _logit_blocks(x, lw, lb, block_rows):
+                s = slice(r, r + nb)
+                g = shard_grad(logits, slice(None), lse[s], t_loc[s], in_slice[s], row[s], vocab,
+                               eps, z).to(x.dtype)
+                torch.mm(g, lw, out=gi[s])
+                if gw is not None:
+                    gw.addmm_(g.t(), x_blk)
+                if gb is not None:
+                    gb += g.sum(0, dtype=gb.dtype)
+        if reduce_gi and ctx.needs_input_grad[0]:
+            dist.all_reduce(gi, group=group)
+        gb = None if gb is None else gb.to(lb.dtype)
+        return (gi if ctx.needs_input_grad[0] else None, gw, gb, None, None, None, None, None,
+                None, None, None, None, None)
+
+
+def _logit_blocks(x, lw, lb, block_rows):
+    """(first row, rows, input rows, logits) per block of rows; the logits in one reused buffer."""
+    n = x.shape[0]
+    rows = max(1, min(block_rows, n))
+    buf = x.new_empty(min(rows, n), lw.shape[0])
+    for r in range(0, n, rows):
+        nb = min(rows, n - r)
+        x_blk, logits = x[r:r + nb], buf[:nb]
+        if lb is not None:
+            torch.addmm(lb, x_blk, lw.t(), out=logits)
+        else:
+            torch.mm(x_blk, lw.t(), out=logits)
+        yield r, nb, x_blk, logits
+
+
 def _check_options(reduction, label_smoothing, z_loss, block_rows):
     reduction = resolve_reduction(reduction)
     if not 0.0 <= label_smoothing <= 1.0:
@@ -294,9 +415,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         if process_group is not None:
             if weight is not None:
                 raise ValueError(f"{_FN}: class weights are not supported with process_group")
-            from .distributed import vocab_parallel_linear_cross_entropy
-
-            out = vocab_parallel_linear_cross_entropy(
+            _check_group(process_group, vocab_start_index)
+            out = _VocabParallelLinearCrossEntropy.apply(
                 x2, linear_weight, linear_bias, t, process_group, vocab_start_index,
                 ignore_index, float(label_smoothing), float(z_loss), reduction, rows,
                 bool(reduce_grad_input), out_dtype)
