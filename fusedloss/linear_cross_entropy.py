@@ -330,7 +330,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     Same arguments, defaults and semantics: input (D,) or (N, D) (and, an extension, any
     (..., D) with target (...)), linear_weight (V, D), linear_bias (V,), class-index target,
     ignore_index None meaning -100 for class indices. `options` (torch's
-    LinearCrossEntropyOptions) is accepted and ignored: the blocked path is always on.
+    LinearCrossEntropyOptions) is accepted; the blocked path is always on, and its
+    batch_chunk_size, if set, is the block's row count unless block_rows is given.
     Probability targets and K-dimensional weights (V, d1, ..., dK, D) take a plain path
     (linear + fusedloss cross_entropy) that does hold the logits.
 
@@ -409,6 +410,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     x2 = input.reshape(-1, d)
     t = target.reshape(-1).long().contiguous()
     acc = acc_dtype(x2.dtype)
+    if block_rows is None and getattr(options, "batch_chunk_size", None):
+        block_rows = int(options.batch_chunk_size)  # torch's chunk size, when one is set
     rows = block_rows or default_block_rows(n_classes, x2.dtype)
     grad_on = torch.is_grad_enabled()
     with torch.autocast(input.device.type, enabled=False) if autocast else contextlib.nullcontext():

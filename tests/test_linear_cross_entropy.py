@@ -18,7 +18,7 @@ def reference(x, W, t, b=None, weight=None, ignore_index=-100, reduction="mean",
     ignore_index = -100 if ignore_index is None else ignore_index
     logits = F.linear(x.double(), W.double(), None if b is None else b.double())
     w = None if weight is None else weight.double()
-    logits2, t2 = logits.reshape(-1, W.shape[0]), t.reshape(-1)
+    logits2, t2 = logits.reshape(-1, W.shape[0]), t.reshape(-1).long()
     loss = F.cross_entropy(logits2, t2, weight=w, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
     valid = t2 != ignore_index
@@ -113,6 +113,15 @@ def test_default_block_and_big_block(backend):
     check(x, W, t, b, label_smoothing=0.1, atol=tol(backend))
     check(x, W, t, b, block_rows=1000, reduction="sum")
     check(x, W, t, b, block_rows=1, reduction="none")
+
+
+def test_non_contiguous(backend):
+    """A transposed head weight, a strided input and a uint8 target."""
+    x, W, b, t = make(6, 4, 9, device=backend.device)
+    Wt = W.t().contiguous().t()  # [V, D] with strides (1, V)
+    xs = torch.randn(6, 8, dtype=torch.float64, device=backend.device)[:, ::2]
+    check(xs, Wt, t.to(torch.uint8), b, label_smoothing=0.1, block_rows=4, atol=tol(backend))
+    check(x, Wt, t, b, reduction="none", block_rows=4)
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
