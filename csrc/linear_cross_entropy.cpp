@@ -2,7 +2,7 @@
 //
 // Blocked over tokens: for each block of `block_rows` rows of the input,
 //   logits_blk = x_blk @ W^T (+ b)            GEMM 1, into one reused [block_rows, V] buffer
-//   (loss, lse) = cross_entropy_fwd(logits_blk)   the fused row kernel (online lse, smoothing, z-loss)
+//   (loss, lse) = cross_entropy_fwd(logits_blk)   the fused row kernel (online lse, z-loss...)
 // and, when grad_scale is given (the gradient is wanted and its per-row scale known):
 //   cross_entropy_bwd_inplace(grad_scale)     dlogits over the same buffer, scale folded in
 //   grad_input[blk]  = dlogits @ W            GEMM 2 (rows of the input are disjoint per block)
@@ -88,7 +88,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
 
   at::Tensor loss = at::empty({n}, input.options().dtype(acc));
   at::Tensor gi = at::empty({need_input ? n : 0, need_input ? d : 0}, input.options());
-  at::Tensor gw = need_weight ? at::zeros({v, d}, input.options()) : at::empty({0, 0}, input.options());
+  at::Tensor gw =
+      need_weight ? at::zeros({v, d}, input.options()) : at::empty({0, 0}, input.options());
   at::Tensor gb_acc = need_bias ? at::zeros({v}, input.options().dtype(acc)) : at::Tensor();
   const at::Tensor wt = linear_weight.t();  // [D, V] view: BLAS reads W transposed, no copy
 
@@ -122,7 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
       gb_acc.add_(at::sum(logits, {0}, false, acc));
     }
   }
-  at::Tensor gb = need_bias ? gb_acc.to(linear_bias->scalar_type()) : at::empty({0}, input.options());
+  at::Tensor gb =
+      need_bias ? gb_acc.to(linear_bias->scalar_type()) : at::empty({0}, input.options());
   return {loss, gi, gw, gb};
 }
 

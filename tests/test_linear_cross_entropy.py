@@ -14,7 +14,7 @@ ATOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 def reference(x, W, t, b=None, weight=None, ignore_index=-100, reduction="mean",
               label_smoothing=0.0, z_loss=0.0):
-    """float64 linear + cross_entropy, plus the z-loss term (torch has none) reduced the same way."""
+    """float64 linear + cross_entropy, plus the z-loss term (torch has none), reduced alike."""
     ignore_index = -100 if ignore_index is None else ignore_index
     logits = F.linear(x.double(), W.double(), None if b is None else b.double())
     w = None if weight is None else weight.double()
