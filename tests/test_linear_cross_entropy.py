@@ -382,3 +382,16 @@ def test_no_logits_sized_allocation(backend):
         assert sizes, "the profiler saw no allocation"
         bound = max(rows * v, v * d, n * d) * 4
         assert max(sizes) <= bound < n * v * 4, (max(sizes), bound)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_reference_backend(monkeypatch, reduction):
+    """FUSEDLOSS_BACKEND=reference (the fallback without the C++ extension): the same blocks over
+    the plain-PyTorch cross-entropy."""
+    from fusedloss import _backend
+
+    monkeypatch.setattr(_backend, "_ENV", "reference")
+    x, W, b, t = make(7, 4, 11)
+    t[3] = -100
+    check(x, W, t, b, reduction=reduction, label_smoothing=0.1, z_loss=0.01, block_rows=3,
+          weight=torch.rand(11, dtype=torch.float64) + 0.1)
