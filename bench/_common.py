@@ -24,12 +24,15 @@ import torch
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def parse_args(description: str):
+def parse_args(description: str, extra=None):
+    """The common options; extra(parser), if given, adds a script's own."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small shapes, a smoke run")
     p.add_argument("--providers", default=None, help="comma-separated subset of providers")
     p.add_argument("--no-save", action="store_true", help="print only; write no CSV/JSON")
+    if extra is not None:
+        extra(p)
     return p.parse_args()
 
 

@@ -56,4 +56,14 @@ TORCH_LIBRARY(fusedloss, m) {
       "huber_bwd(Tensor grad_out, Tensor input, Tensor target, Tensor? weight, float delta, "
       "bool smooth_l1, int reduction, bool grad_input, bool grad_target) "
       "-> (Tensor grad_input, Tensor grad_target)");
+  // Linear + cross-entropy (LM heads), blocked over rows so the logits never exist whole:
+  // input [N, D], linear_weight [V, D], linear_bias [V] (input dtype), target [N] int64, weight
+  // [V] acc dtype. loss: per row, acc dtype. If grad_scale (acc dtype, a scalar or one per row)
+  // is given, also the gradients of sum_rows(grad_scale * loss_row) for the inputs flagged
+  // need_*: grad_input [N, D], grad_weight [V, D], grad_bias [V]; empty tensors otherwise.
+  m.def(
+      "linear_cross_entropy(Tensor input, Tensor linear_weight, Tensor? linear_bias, "
+      "Tensor target, Tensor? weight, Tensor? grad_scale, int ignore_index, "
+      "float label_smoothing, float z_loss, int block_rows, bool need_input, bool need_weight, "
+      "bool need_bias) -> (Tensor loss, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }

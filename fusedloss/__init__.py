@@ -14,6 +14,7 @@ from .distributed import VocabParallelCrossEntropyLoss
 from .modules import (BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, SigmoidFocalLoss,
                       SmoothL1Loss, SoftmaxFocalLoss)
 from .training import TrainStep
+from .linear_cross_entropy import LinearCrossEntropy, LinearCrossEntropyLoss  # noqa: E402
 
 __version__ = "0.1.0"  # the one place: pyproject.toml reads it from here
 
@@ -22,4 +23,5 @@ __all__ = [
     "CrossEntropyLoss", "BCEWithLogitsLoss", "HuberLoss", "SmoothL1Loss",
     "SigmoidFocalLoss", "SoftmaxFocalLoss", "VocabParallelCrossEntropyLoss", "TrainStep",
     "backends", "use_backend",
+    "LinearCrossEntropy", "LinearCrossEntropyLoss",
 ]

@@ -64,19 +64,60 @@ def _check_gathered(g: torch.Tensor, ignore_index: int) -> None:
     check_class_targets(_FN, t_all[0].long(), end, ignore_index)
 
 
+def shard_start(width, start, group, dev):
+    """This rank's first class: `start` if given, else the exclusive prefix sum of the ranks'
+    widths (slices in rank order), from one small all-gather."""
+    if start is not None:
+        return start
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    widths = torch.empty(world, dtype=torch.int64, device=dev)
+    _all_gather(widths, torch.full((1,), width, dtype=torch.int64, device=dev), group)
+    return widths[:rank].sum()
+
+
+def combine_shards(lse_r, x_y, sum_r, t, start, width, group, ignore_index, eps, z):
+    """The one packed all-gather of per-row shard statistics and the exact full-vocab row loss.
+
+    lse_r, x_y, sum_r: this rank's per-row lse, target logit (0 if the target is not in the
+    slice) and row sum (for smoothing), in the acc dtype; t: [n] int64 global targets.
+    Returns (loss [n], lse [n], ok [n] bool, vocab): loss 0 where ok is False (ignored rows, and
+    out-of-range targets when the eager check is skipped), in the acc dtype.
+    """
+    world, dev, acc, f64 = dist.get_world_size(group), lse_r.device, lse_r.dtype, torch.float64
+    n = t.numel()
+    valid = t != ignore_index
+    # fp64 keeps start, width and target exact whatever the vocab size.
+    start_t = (start.to(f64) if torch.is_tensor(start)
+               else torch.full((), start, dtype=f64, device=dev))
+    head = torch.stack([start_t, torch.full((), width, dtype=f64, device=dev)])
+    packed = torch.cat([head, torch.stack([lse_r, x_y, sum_r]).to(f64).view(-1), t.to(f64)])
+    g = torch.empty(world * packed.numel(), dtype=f64, device=dev)  # flat: gloo wants cat form
+    _all_gather(g, packed, group)
+    g = g.view(world, packed.numel())
+    if _backend.eager_checks_enabled(t):
+        _check_gathered(g, ignore_index)
+
+    vocab = g[:, 1].sum()
+    lse_all, xy_all, sum_all = g[:, 2:2 + 3 * n].view(world, 3, n).unbind(1)
+    lse = torch.logsumexp(lse_all, 0)
+    loss = (1 - eps) * (lse - xy_all.sum(0)) + z * lse * lse
+    if eps:
+        loss = loss + eps * (lse - sum_all.sum(0) / vocab)
+    # Rows with a target outside [0, V) (only when the eager check is skipped) count 0,
+    # as in cross_entropy.
+    ok = valid & (t >= 0) & (t < vocab)
+    loss = torch.where(ok, loss, 0.0).to(acc)
+    return loss, lse, ok, vocab
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, group, start, ignore_index, eps, z, reduction):
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        dev, acc, f64 = x.device, acc_dtype(x.dtype), torch.float64
+        dev, acc = x.device, acc_dtype(x.dtype)
         t = target.reshape(-1).long()
         n, width = t.numel(), x.shape[-1]
         x2 = x.reshape(n, width)
-        if start is None:
-            # Default: slices in rank order; start = exclusive prefix sum of the widths.
-            widths = torch.empty(world, dtype=torch.int64, device=dev)
-            _all_gather(widths, torch.full((1,), width, dtype=torch.int64, device=dev), group)
-            start = widths[:rank].sum()
+        start = shard_start(width, start, group, dev)
         valid = t != ignore_index
         local = t - start
         in_slice = valid & (local >= 0) & (local < width)
@@ -92,27 +133,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         else:  # an empty shard: contributes nothing (exp(-inf) = 0)
             lse_r = torch.full((n,), -float("inf"), dtype=acc, device=dev)
             sum_r = x_y = torch.zeros(n, dtype=acc, device=dev)
-        # fp64 keeps start, width and target exact whatever the vocab size.
-        start_t = (start.to(f64) if torch.is_tensor(start)
-                   else torch.full((), start, dtype=f64, device=dev))
-        head = torch.stack([start_t, torch.full((), width, dtype=f64, device=dev)])
-        packed = torch.cat([head, torch.stack([lse_r, x_y, sum_r]).to(f64).view(-1), t.to(f64)])
-        g = torch.empty(world * packed.numel(), dtype=f64, device=dev)  # flat: gloo wants cat form
-        _all_gather(g, packed, group)
-        g = g.view(world, packed.numel())
-        if _backend.eager_checks_enabled(t):
-            _check_gathered(g, ignore_index)
-
-        vocab = g[:, 1].sum()
-        lse_all, xy_all, sum_all = g[:, 2:2 + 3 * n].view(world, 3, n).unbind(1)
-        lse = torch.logsumexp(lse_all, 0)
-        loss = (1 - eps) * (lse - xy_all.sum(0)) + z * lse * lse
-        if eps:
-            loss = loss + eps * (lse - sum_all.sum(0) / vocab)
-        # Rows with a target outside [0, V) (only when the eager check is skipped) count 0,
-        # as in cross_entropy.
-        ok = valid & (t >= 0) & (t < vocab)
-        loss = torch.where(ok, loss, 0.0).to(acc)
+        loss, lse, ok, vocab = combine_shards(lse_r, x_y, sum_r, t, start, width, group,
+                                              ignore_index, eps, z)
         scale = None
         if reduction == "none":
             out = loss.view(target.shape)
@@ -141,19 +163,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         row = torch.where(ok, row, 0.0)
         args = (lse, t_loc, in_slice, row, vocab, ctx.eps, ctx.z)
         if x.dtype == lse.dtype or n == 0:  # the acc-dtype buffer is the gradient itself
-            grad = _shard_grad(x2, slice(None), *args).to(x.dtype)
+            grad = shard_grad(x2, slice(None), *args).to(x.dtype)
         else:  # fp16 / bf16: in row blocks, so that the fp32 temporary stays small
             grad = torch.empty(n, width, dtype=x.dtype, device=x.device)
             step = max(1, _BLOCK_ELEMS // width)
             for r in range(0, n, step):
-                grad[r:r + step] = _shard_grad(x2, slice(r, r + step), *args)
+                grad[r:r + step] = shard_grad(x2, slice(r, r + step), *args)
         return grad.reshape(x.shape), None, None, None, None, None, None, None
 
 
 _BLOCK_ELEMS = 1 << 22  # fp32 elements of the backward's temporary for fp16 / bf16 logits
 
 
-def _shard_grad(x2, rows, lse, t_loc, in_slice, row, vocab, eps, z):
+def shard_grad(x2, rows, lse, t_loc, in_slice, row, vocab, eps, z):
     """Gradient of the given rows of the shard, in lse's (acc) dtype:
     row * (exp(x - lse) (1 + 2 z lse) - eps/V - (1 - eps)[j == y])."""
     lse = lse[rows]

@@ -125,3 +125,6 @@ class SmoothL1Loss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, beta={self.beta}"
+
+
+from .linear_cross_entropy import LinearCrossEntropy, LinearCrossEntropyLoss  # noqa: E402,F401

@@ -128,6 +128,14 @@ if hasattr(F, "sigmoid_focal_loss"):
             for kw in [{}, dict(gamma=0.5, alpha=torch.rand(5)), dict(gamma=0.0, reduction="none"),
                        dict(alpha=0.25, reduction="sum")]:
                 grad_of(lambda x: F.softmax_focal_loss(x, t, **kw), x)
+if hasattr(F, "linear_cross_entropy"):  # launches the cross-entropy kernels on logits blocks
+    for dt in each():
+        x = torch.randn(5, 8, dtype=dt); W = torch.randn(300, 8, dtype=dt); b = torch.randn(300, dtype=dt)
+        t = torch.randint(0, 300, (5,))
+        for kw in [dict(block_rows=2), dict(reduction="none", weight=torch.rand(300), z_loss=1e-3),
+                   dict(reduction="sum", label_smoothing=0.1)]:
+            grad_of(lambda x, W, b: F.linear_cross_entropy(x, W, t, linear_bias=b, **kw), x, W, b)
+
 if problems:
     print("\n".join(sorted(problems)))
     sys.exit(1)

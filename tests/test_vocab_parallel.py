@@ -260,6 +260,72 @@ def check_ddp(world):
         torch.testing.assert_close(g, grads[0])
 
 
+def check_linear(world):
+    """fusedloss.linear_cross_entropy with process_group: each rank holds an uneven slice of the
+    head's rows (and bias); loss and gradients of input (all-reduced, or partial with
+    reduce_grad_input=False), weight slice and bias slice vs float64 linear + cross_entropy on the
+    full head; one all-gather in forward, one all-reduce (of grad_input) in backward."""
+    from fusedloss.functional import linear_cross_entropy
+
+    rank = dist.get_rank()
+    widths = {2: [7, 2], 3: [4, 1, 6], 4: [3, 0, 5, 2]}[world]
+    vocab, d = sum(widths), 5
+    start = sum(widths[:rank])
+    for i, kw in enumerate([dict(), dict(reduction="none", label_smoothing=0.1, z_loss=1e-2),
+                            dict(reduction="sum", bias=True, label_smoothing=0.3, pass_start=True),
+                            dict(shape=(2, 3), bias=True, z_loss=1e-3, block_rows=2),
+                            dict(reduce_grad_input=False, bias=True, label_smoothing=0.1),
+                            dict(n_ignored=6, reduction="mean"),
+                            dict(dtype=torch.float32, label_smoothing=0.1, block_rows=4),
+                            dict(backend="triton", shape=(3,), label_smoothing=0.1)]):
+        kw = dict(kw)
+        gen = torch.Generator().manual_seed(100 + i)
+        shape, dtype = kw.pop("shape", (6,)), kw.pop("dtype", torch.float64)
+        bias, pass_start, backend = kw.pop("bias", False), kw.pop("pass_start", False), \
+            kw.pop("backend", "")
+        n_ignored, reduce_gi = kw.pop("n_ignored", 2), kw.pop("reduce_grad_input", True)
+        x = torch.randn(*shape, d, generator=gen, dtype=torch.float64)
+        W = torch.randn(vocab, d, generator=gen, dtype=torch.float64)
+        b = torch.randn(vocab, generator=gen, dtype=torch.float64) if bias else None
+        t = torch.randint(0, vocab, shape, generator=gen)
+        t.view(-1)[torch.randperm(t.numel(), generator=gen)[:n_ignored]] = -100
+        xa = x.to(dtype, copy=True).requires_grad_(True)
+        Wa = W[start:start + widths[rank]].to(dtype, copy=True).requires_grad_(True)
+        ba = b[start:start + widths[rank]].to(dtype, copy=True).requires_grad_(True) if bias \
+            else None
+        saved = _backend._ENV
+        _backend._ENV = backend
+        try:
+            with count_collectives() as fwd_calls:
+                out = linear_cross_entropy(xa, Wa, t, linear_bias=ba,
+                                           process_group=dist.group.WORLD,
+                                           vocab_start_index=start if pass_start else None,
+                                           reduce_grad_input=reduce_gi, **kw)
+            assert len(fwd_calls) == (1 if pass_start else 2), fwd_calls
+            go = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+            with count_collectives() as bwd_calls:
+                out.backward(go.to(dtype))
+            assert bwd_calls == (["all_reduce"] if reduce_gi else []), bwd_calls
+        finally:
+            _backend._ENV = saved
+        kw.pop("block_rows", None)
+        xr, Wr = x.detach().clone().requires_grad_(True), W.detach().clone().requires_grad_(True)
+        br = b.detach().clone().requires_grad_(True) if bias else None
+        ref = reference(F.linear(xr, Wr, br), t, **kw)
+        atol = ATOL[dtype] if backend != "triton" else 1e-7
+        close(out, ref.detach(), atol)
+        ref.backward(go)
+        if reduce_gi:
+            close(xa.grad, xr.grad, atol)
+        else:  # this rank's partial gradient: the sum over ranks is the full one
+            part = xa.grad.clone()
+            dist.all_reduce(part)
+            close(part, xr.grad, atol)
+        close(Wa.grad, Wr.grad[start:start + widths[rank]], atol)
+        if bias:
+            close(ba.grad, br.grad[start:start + widths[rank]], atol)
+
+
 def _worker(rank, world, tmp):
     torch.set_num_threads(1)  # world processes share few cores: spinning OpenMP threads stall them
     # A file store in the test's fresh directory: no TCP port to pick or race for.
@@ -275,6 +341,7 @@ def _worker(rank, world, tmp):
         check_subgroup(world)
         check_dtensor(world)
         check_ddp(world)
+        check_linear(world)
         if world == 2:  # compiling takes seconds: one world size is enough
             check_compile(world)
     except BaseException:
