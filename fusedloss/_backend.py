@@ -44,7 +44,10 @@ if _ENV == "triton" and not HAS_TRITON:
 
 
 def backend_for(t: torch.Tensor) -> str:
-    """'op', 'triton' or 'reference' for a tensor on t's device."""
+    """'op', 'triton' or 'reference' for a tensor on t's device. Meta and fake tensors take the
+    registered op (its fake kernel) whatever FUSEDLOSS_BACKEND says, as torch's losses do."""
+    if HAS_CPP and not has_values(t):
+        return "op"
     if _ENV == "triton":
         return "triton"
     if _ENV == "reference":
@@ -72,6 +75,18 @@ def register_triton(op_name: str, launcher) -> None:
     """Register a Triton launcher as the CUDA kernel of a C++-declared op."""
     if HAS_CPP and HAS_TRITON:
         torch.library.register_kernel(f"fusedloss::{op_name}", "cuda", launcher)
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """False for meta and fake tensors (FakeTensorMode outside torch.compile): shapes only, no
+    values to read or check."""
+    if t.device.type == "meta":
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
 
 
 def eager_checks_enabled(t: torch.Tensor) -> bool:

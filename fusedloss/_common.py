@@ -6,6 +6,15 @@ from . import _backend
 REDUCTIONS = ("none", "mean", "sum")
 
 
+class FusedLossValueError(ValueError, RuntimeError):
+    """A bad argument value or shape. A ValueError (Python's convention) and a RuntimeError (what
+    torch's own C++ checks raise), so code written for either catches it."""
+
+
+class FusedLossTypeError(TypeError, RuntimeError):
+    """An argument of the wrong type or dtype: a TypeError and, as torch raises, a RuntimeError."""
+
+
 def resolve_reduction(reduction: str, size_average=None, reduce=None) -> str:
     """The reduction string, honouring PyTorch's legacy size_average / reduce arguments."""
     if size_average is not None or reduce is not None:
@@ -13,43 +22,46 @@ def resolve_reduction(reduction: str, size_average=None, reduce=None) -> str:
         reduce = True if reduce is None else reduce
         reduction = ("mean" if size_average else "sum") if reduce else "none"
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum'; got {reduction!r}")
+        raise FusedLossValueError(
+            f"reduction must be one of 'none', 'mean', 'sum'; got {reduction!r}")
     return reduction
 
 
 def check_tensor(name: str, t, floating: bool = True) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise FusedLossTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if floating and not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        raise FusedLossTypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
 def check_same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+            raise FusedLossValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
 def class_count(input) -> int:
     """C of a floating input of shape (C,), (N, C) or (N, C, d1, ..., dk)."""
     check_tensor("input", input)
     if input.dim() == 0:
-        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ..., dk); got a scalar")
+        raise FusedLossValueError(
+            "input must have shape (C,), (N, C) or (N, C, d1, ..., dk); got a scalar")
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if n_classes < 1:
-        raise ValueError(f"input must have at least one class, got shape {tuple(input.shape)}")
+        raise FusedLossValueError(
+            f"input must have at least one class, got shape {tuple(input.shape)}")
     return n_classes
 
 
 def check_index_target(input: torch.Tensor, target: torch.Tensor, alternative: str = "") -> None:
     """Class-index target: int64 (or uint8, as torch) of shape (N, d1, ..., dk), () for (C,)."""
     if target.dtype not in (torch.int64, torch.uint8):
-        raise TypeError(f"target must hold int64 (or uint8) class indices{alternative}, "
-                        f"got {target.dtype}")
+        raise FusedLossTypeError(f"target must hold int64 (or uint8) class indices{alternative}, "
+                                 f"got {target.dtype}")
     expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
     if target.shape != expected:
-        raise ValueError(f"target must have shape {tuple(expected)} for input of shape "
-                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+        raise FusedLossValueError(f"target must have shape {tuple(expected)} for input of shape "
+                                  f"{tuple(input.shape)}, got {tuple(target.shape)}")
 
 
 def check_class_targets(fn: str, target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
@@ -62,6 +74,19 @@ def check_class_targets(fn: str, target: torch.Tensor, n_classes: int, ignore_in
     if bool(bad.any()):
         value = int(target[bad][0])
         raise IndexError(f"{fn}: target {value} is out of bounds for {n_classes} classes")
+
+
+def amp_dtype(t: torch.Tensor) -> torch.dtype:
+    """t's dtype as torch's losses see it under torch.autocast for t's device: fp16 and bf16 count
+    as fp32. Every loss here is on autocast's fp32 list (binary_cross_entropy_with_logits,
+    huber_loss, smooth_l1_loss; cross_entropy through log_softmax and nll_loss; torchvision's
+    sigmoid focal loss through BCE and pow), so torch casts a half-precision input to fp32 and
+    returns fp32. fusedloss reads the half-precision input in place, computes in fp32 as always,
+    and returns the loss in this dtype; the gradient keeps the input's dtype. fp64 is not cast."""
+    if (t.dtype in (torch.float16, torch.bfloat16) and t.device.type in ("cpu", "cuda")
+            and torch.is_autocast_enabled(t.device.type)):
+        return torch.float32
+    return t.dtype
 
 
 def reduce_loss(loss: torch.Tensor, reduction: str, denom=None) -> torch.Tensor:
@@ -77,9 +102,24 @@ def reduce_loss(loss: torch.Tensor, reduction: str, denom=None) -> torch.Tensor:
 
 def check_class_targets_for(fn: str, backend: str, x: torch.Tensor, target: torch.Tensor,
                             n_classes: int, ignore_index: int) -> None:
-    """The range check for a call on `backend`: the C++ kernels check class indices while they
-    read (free); elsewhere check here, in eager mode only (a host read on CUDA)."""
-    if (backend != "op" or x.device.type != "cpu") and _backend.eager_checks_enabled(target):
+    """The class-index range check for a call on `backend`:
+
+    - CPU tensors on the C++ op: nothing here, the kernel checks while it reads (free) and raises
+      IndexError.
+    - CUDA tensors: a device-side assertion (torch._assert_async, as torch's own CUDA losses
+      assert on the device), queued on the stream: no host sync, and it stays in the graph under
+      torch.compile and CUDA-graph capture. A bad target makes a later synchronising call raise
+      RuntimeError "CUDA error: device-side assert triggered" (the CUDA context is then lost).
+    - Otherwise (the Triton interpreter or the reference on CPU tensors): a host check raising
+      IndexError, in eager mode only.
+    """
+    if not _backend.has_values(target):
+        return
+    if x.device.type == "cuda":
+        ok = (target == ignore_index) | ((target >= 0) & (target < n_classes))
+        torch._assert_async(ok.all(), f"{fn}: a target is outside [0, {n_classes}) and is not "
+                                      f"ignore_index")
+    elif backend != "op" and _backend.eager_checks_enabled(target):
         check_class_targets(fn, target, n_classes, ignore_index)
 
 

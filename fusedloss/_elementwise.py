@@ -11,6 +11,7 @@ reduced in fp32); backward re-reads the inputs and returns the gradients with gr
 import torch
 
 from . import _backend
+from ._common import FusedLossValueError
 from .reference import acc_dtype
 
 REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
@@ -61,8 +62,9 @@ def broadcast_shape(name_a, a, name_b, b):
     try:
         return torch.broadcast_shapes(a.shape, b.shape)
     except RuntimeError:
-        raise ValueError(f"{name_b} of shape {tuple(b.shape)} does not broadcast with {name_a} of "
-                         f"shape {tuple(a.shape)}") from None
+        raise FusedLossValueError(
+            f"{name_b} of shape {tuple(b.shape)} does not broadcast with {name_a} of "
+            f"shape {tuple(a.shape)}") from None
 
 
 class ElementwiseLoss(torch.autograd.Function):
@@ -79,6 +81,11 @@ class ElementwiseLoss(torch.autograd.Function):
     def forward(ctx, kind, params, reduction, out_dtype, input, target, weight, pos_weight):
         shape = torch.broadcast_shapes(input.shape, target.shape)
         dtype = torch.promote_types(input.dtype, target.dtype)
+        if reduction == "none" and out_dtype == torch.float32 and dtype != out_dtype:
+            # Under autocast a half input gives an fp32 loss, and 'none' stores it per element
+            # in the kernel's dtype: run on fp32 copies (the size of that output anyway) so that
+            # it is not rounded to half first. mean and sum read the half input in place.
+            dtype = out_dtype
         acc = acc_dtype(dtype)
         x = input.to(dtype).expand(shape)
         y = target.to(dtype).expand(shape)

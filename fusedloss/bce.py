@@ -9,7 +9,8 @@ copied to the input's size); they get no gradient, as in torch.
 import torch
 
 from . import _backend
-from ._common import check_same_device, check_tensor, resolve_reduction
+from ._common import (FusedLossValueError, amp_dtype, check_same_device, check_tensor,
+                      resolve_reduction)
 from ._elementwise import IMPLS, ElementwiseLoss, fake_bwd, fake_fwd
 
 if _backend.HAS_TRITON:
@@ -56,8 +57,8 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     check_tensor("input", input)
     check_tensor("target", target)
     if target.shape != input.shape:
-        raise ValueError(f"Target size ({target.size()}) must be the same as input size "
-                         f"({input.size()})")
+        raise FusedLossValueError(f"Target size ({target.size()}) must be the same as input size "
+                                  f"({input.size()})")
     for name, t in (("weight", weight), ("pos_weight", pos_weight)):
         if t is None:
             continue
@@ -67,11 +68,13 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
         except RuntimeError:
             fits = False
         if not fits:
-            raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to the input's "
-                             f"shape {tuple(input.shape)}")
+            raise FusedLossValueError(
+                f"{name} of shape {tuple(t.shape)} does not broadcast to the input's "
+                f"shape {tuple(input.shape)}")
         if t.requires_grad:
-            raise ValueError(f"{name} requires grad, but binary_cross_entropy_with_logits is not "
-                             f"differentiable with respect to {name} (as in torch)")
+            raise FusedLossValueError(
+                f"{name} requires grad, but binary_cross_entropy_with_logits is not "
+                f"differentiable with respect to {name} (as in torch)")
     check_same_device("input", input, target=target, weight=weight, pos_weight=pos_weight)
-    return ElementwiseLoss.apply("bce", (), reduction, target.dtype, input, target, weight,
+    return ElementwiseLoss.apply("bce", (), reduction, amp_dtype(target), input, target, weight,
                                  pos_weight)

@@ -8,8 +8,9 @@ Probability targets take a plain-PyTorch path (fp32 math).
 import torch
 
 from . import _backend
-from ._common import (check_class_targets_for, check_index_target, check_same_device,
-                      check_tensor, class_count, class_weight_sum, reduce_loss, resolve_reduction)
+from ._common import (FusedLossValueError, amp_dtype, check_class_targets_for, check_index_target,
+                      check_same_device, check_tensor, class_count, class_weight_sum, reduce_loss,
+                      resolve_reduction)
 from .reference import acc_dtype
 
 _FN = "fusedloss.cross_entropy"
@@ -86,7 +87,7 @@ class _CrossEntropy(torch.autograd.Function):
                        and x3.data_ptr() == input.data_ptr())
         ctx.reduction, ctx.options = reduction, (ignore_index, label_smoothing, z_loss)
         ctx.save_for_backward(input, t, w, lse, denom)
-        return out.to(input.dtype)
+        return out.to(amp_dtype(input))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -126,7 +127,7 @@ def _cross_entropy_probs(input, target, weight, reduction, label_smoothing, z_lo
     loss = -(t * logp).sum(dim)
     if z_loss:
         loss = loss + z_loss * torch.logsumexp(input.to(acc), dim=dim).square()
-    return reduce_loss(loss, reduction).to(input.dtype)
+    return reduce_loss(loss, reduction).to(amp_dtype(input))
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
@@ -140,9 +141,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         buffer (class-index targets; input must not be a leaf). After backward `input` holds its
         gradient; autograd raises if a later backward (another user of the logits, or a second
         backward through this loss) needs the overwritten values. Ignored under torch.compile.
-    Target range: checked on every backend; on CUDA the check reads the target on the host in
-    eager mode and is skipped under torch.compile / CUDA-graph capture (out-of-range rows then
-    contribute 0 instead of raising).
+    Target range: an index outside [0, C) that is not ignore_index raises IndexError on CPU
+    tensors; on CUDA it trips a device-side assertion (no host sync; see
+    _common.check_class_targets_for).
     """
     reduction = resolve_reduction(reduction, size_average, reduce)
     n_classes = class_count(input)
@@ -150,22 +151,25 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if weight is not None:
         check_tensor("weight", weight)
         if weight.dim() != 1 or weight.numel() != n_classes:
-            raise ValueError(f"weight must have shape ({n_classes},) (one per class), "
-                             f"got {tuple(weight.shape)}")
+            raise FusedLossValueError(f"weight must have shape ({n_classes},) (one per class), "
+                                      f"got {tuple(weight.shape)}")
     check_same_device("input", input, target=target, weight=weight)
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+        raise FusedLossValueError(
+            f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     if not z_loss >= 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+        raise FusedLossValueError(f"z_loss must be >= 0, got {z_loss}")
 
     if target.is_floating_point():
         if target.shape != input.shape:
-            raise ValueError(f"probability target must have the input's shape {tuple(input.shape)}, "
-                             f"got {tuple(target.shape)}")
+            raise FusedLossValueError(
+                f"probability target must have the input's shape {tuple(input.shape)}, "
+                f"got {tuple(target.shape)}")
         return _cross_entropy_probs(input, target, weight, reduction, label_smoothing, z_loss)
     check_index_target(input, target, " or floating-point probabilities")
     if inplace_backward and input.requires_grad and input.is_leaf:
-        raise ValueError("inplace_backward=True overwrites input with its gradient, which cannot "
-                         "be done to a leaf tensor that requires grad")
+        raise FusedLossValueError(
+            "inplace_backward=True overwrites input with its gradient, which cannot "
+            "be done to a leaf tensor that requires grad")
     return _CrossEntropy.apply(input, target, weight, int(ignore_index), float(label_smoothing),
                                float(z_loss), reduction, bool(inplace_backward))

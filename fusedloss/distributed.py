@@ -22,7 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _backend
-from ._common import check_class_targets, check_same_device, check_tensor, resolve_reduction
+from ._common import (FusedLossTypeError, FusedLossValueError, amp_dtype, check_class_targets,
+                      check_same_device, check_tensor, resolve_reduction)
 from .cross_entropy import _ce_forward
 from .reference import acc_dtype
 
@@ -50,14 +51,16 @@ def _check_gathered(g: torch.Tensor, ignore_index: int) -> None:
     end = 0
     for s, w in spans:
         if s != end:
-            raise ValueError(f"{_FN}: the ranks' vocab slices [vocab_start_index, + width) must "
+            raise FusedLossValueError(
+                f"{_FN}: the ranks' vocab slices [vocab_start_index, + width) must "
                              f"tile [0, V) without gaps or overlaps; got (start, width) = "
                              f"{[tuple(map(int, r)) for r in g[:, :2].tolist()]}")
         end = s + w
     t_all = g[:, 2 + 3 * n:]
     if bool((t_all != t_all[:1]).any()):
-        raise ValueError(f"{_FN}: target differs across the ranks of process_group; every rank "
-                         f"must pass the same (full) target")
+        raise FusedLossValueError(
+            f"{_FN}: target differs across the ranks of process_group; every rank "
+            f"must pass the same (full) target")
     check_class_targets(_FN, t_all[0].long(), end, ignore_index)
 
 
@@ -120,7 +123,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             out = loss.sum() * scale
         ctx.save_for_backward(x, lse.to(acc), t_loc, in_slice, ok, vocab.to(acc), scale)
         ctx.eps, ctx.z, ctx.reduction = eps, z, reduction
-        return out.to(x.dtype)
+        return out.to(amp_dtype(x))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -190,40 +193,46 @@ def vocab_parallel_cross_entropy(logits_shard, target, process_group=None, vocab
     if _is_dtensor(logits_shard):
         mesh, placements = logits_shard.device_mesh, logits_shard.placements
         if mesh.ndim != 1 or not placements[0].is_shard(logits_shard.dim() - 1):
-            raise ValueError(f"logits_shard as a DTensor must be sharded on its last dimension "
-                             f"over a 1-D mesh, got {placements} on a {mesh.ndim}-D mesh")
+            raise FusedLossValueError(
+                f"logits_shard as a DTensor must be sharded on its last dimension "
+                f"over a 1-D mesh, got {placements} on a {mesh.ndim}-D mesh")
         if process_group is not None or vocab_start_index is not None:
-            raise ValueError("process_group and vocab_start_index come from the DTensor's mesh; "
-                             "leave them None")
+            raise FusedLossValueError(
+                "process_group and vocab_start_index come from the DTensor's mesh; "
+                "leave them None")
         process_group = mesh.get_group()
         logits_shard = logits_shard.to_local()  # differentiable: the gradient comes back sharded
         if _is_dtensor(target):
             if not all(p.is_replicate() for p in target.placements):
-                raise ValueError(f"target as a DTensor must be replicated, got {target.placements}")
+                raise FusedLossValueError(
+                    f"target as a DTensor must be replicated, got {target.placements}")
             target = target.to_local()
     reduction = resolve_reduction(reduction)
     check_tensor("logits_shard", logits_shard)
     check_tensor("target", target, floating=False)
     if logits_shard.dim() == 0:
-        raise ValueError("logits_shard must have shape (..., V_r), the vocab last; got a scalar")
+        raise FusedLossValueError(
+            "logits_shard must have shape (..., V_r), the vocab last; got a scalar")
     if target.dtype not in (torch.int64, torch.uint8):
-        raise TypeError(f"target must hold int64 (or uint8) class indices, got {target.dtype}")
+        raise FusedLossTypeError(
+            f"target must hold int64 (or uint8) class indices, got {target.dtype}")
     if target.shape != logits_shard.shape[:-1]:
-        raise ValueError(f"target must have shape {tuple(logits_shard.shape[:-1])} for "
-                         f"logits_shard of shape {tuple(logits_shard.shape)}, got "
-                         f"{tuple(target.shape)}")
+        raise FusedLossValueError(f"target must have shape {tuple(logits_shard.shape[:-1])} for "
+                                  f"logits_shard of shape {tuple(logits_shard.shape)}, got "
+                                  f"{tuple(target.shape)}")
     check_same_device("logits_shard", logits_shard, target=target)
     if process_group is not None and dist.get_rank(process_group) < 0:
-        raise ValueError("this rank is not a member of process_group")
+        raise FusedLossValueError("this rank is not a member of process_group")
     if vocab_start_index is not None and (isinstance(vocab_start_index, bool)
                                           or not isinstance(vocab_start_index, int)
                                           or vocab_start_index < 0):
-        raise ValueError(f"vocab_start_index must be a non-negative int or None, "
-                         f"got {vocab_start_index!r}")
+        raise FusedLossValueError(f"vocab_start_index must be a non-negative int or None, "
+                                  f"got {vocab_start_index!r}")
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+        raise FusedLossValueError(
+            f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     if not z_loss >= 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+        raise FusedLossValueError(f"z_loss must be >= 0, got {z_loss}")
     return _VocabParallelCrossEntropy.apply(logits_shard, target, process_group, vocab_start_index,
                                             int(ignore_index), float(label_smoothing),
                                             float(z_loss), reduction)

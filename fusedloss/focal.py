@@ -11,8 +11,10 @@ import numbers
 import torch
 
 from . import _backend
-from ._common import (check_class_targets_for, check_index_target, check_same_device,
-                      check_tensor, class_count, class_weight_sum, reduce_loss, resolve_reduction)
+from ._common import (REDUCTIONS, FusedLossTypeError, FusedLossValueError, amp_dtype,
+                      check_class_targets_for, check_index_target, check_same_device,
+                      check_tensor, class_count, class_weight_sum, reduce_loss,
+                      resolve_reduction)
 from .cross_entropy import _rows3d
 from .reference import acc_dtype
 
@@ -51,9 +53,9 @@ def _impl(name, t):
 
 def _check_gamma(gamma):
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not gamma >= 0:
-        raise ValueError(f"gamma must be a real number >= 0, got {gamma!r}")
+        raise FusedLossValueError(f"gamma must be a real number >= 0, got {gamma!r}")
     if gamma == float("inf"):
-        raise ValueError("gamma must be finite")
+        raise FusedLossValueError("gamma must be finite")
     return float(gamma)
 
 
@@ -79,7 +81,7 @@ class _SigmoidFocal(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if compute_grad:
             ctx.save_for_backward(grad)
-        return out.to(inputs.dtype)
+        return out.to(amp_dtype(inputs))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -97,43 +99,51 @@ def sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: float = 2.0,
     """torchvision.ops.sigmoid_focal_loss, fused and finite for every gamma >= 0 and logit.
 
     inputs: logits of any shape; targets: same shape, in [0, 1] (soft targets allowed; converted
-    to the inputs' dtype). alpha in [0, 1] weights positives (1 - alpha the negatives); alpha < 0
-    disables the weighting. reduction: 'none' | 'mean' (over all elements) | 'sum'.
+    to the inputs' dtype). alpha in [0, 1] weights positives (1 - alpha the negatives); alpha = -1
+    disables the weighting; other values raise ValueError, as torchvision 0.29 does.
+    reduction: 'none' | 'mean' (over all elements) | 'sum' (else ValueError, torchvision's text).
     normalizer (keyword-only): a number or a one-element tensor (e.g. the number of positive
     anchors, kept on the device) that divides the loss: with 'sum' or 'mean' the result is
     sum / normalizer (it replaces the element count of 'mean'); with 'none' each element is
     divided. A normalizer equal to 0 counts as 1, decided on the device (no host sync).
     The gradient is taken with respect to inputs only; targets must not require grad.
     """
-    reduction = resolve_reduction(reduction)
+    if reduction not in REDUCTIONS:  # torchvision's message (its tests match "Invalid")
+        raise FusedLossValueError(f"Invalid Value for arg 'reduction': '{reduction} \n Supported "
+                                  f"reduction modes: 'none', 'mean', 'sum'")
     check_tensor("inputs", inputs)
     check_tensor("targets", targets, floating=False)
     if targets.shape != inputs.shape:
-        raise ValueError(f"targets must have the inputs' shape {tuple(inputs.shape)}, "
-                         f"got {tuple(targets.shape)}")
+        raise FusedLossValueError(f"targets must have the inputs' shape {tuple(inputs.shape)}, "
+                                  f"got {tuple(targets.shape)}")
     if targets.is_complex():
-        raise TypeError(f"targets must be real, got {targets.dtype}")
+        raise FusedLossTypeError(f"targets must be real, got {targets.dtype}")
     if targets.requires_grad:
-        raise ValueError("targets must not require grad: the fused kernel differentiates inputs "
-                         "only (pass targets.detach())")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or alpha != alpha:
-        raise ValueError(f"alpha must be a real number (< 0 disables it), got {alpha!r}")
+        raise FusedLossValueError(
+            "targets must not require grad: the fused kernel differentiates inputs "
+            "only (pass targets.detach())")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise FusedLossTypeError(f"alpha must be a real number, got {type(alpha).__name__}")
+    if not 0 <= alpha <= 1 and alpha != -1:  # torchvision's rule and message (0.29)
+        raise FusedLossValueError(f"Invalid alpha value: {alpha}. alpha must be in the range [0,1] "
+                                  f"or -1 for ignore.")
     gamma = _check_gamma(gamma)
     if normalizer is not None:
         if isinstance(normalizer, torch.Tensor):
             if normalizer.numel() != 1:
-                raise ValueError(f"normalizer must be a number or a one-element tensor, got shape "
-                                 f"{tuple(normalizer.shape)}")
+                raise FusedLossValueError(
+                    f"normalizer must be a number or a one-element tensor, got shape "
+                    f"{tuple(normalizer.shape)}")
             if normalizer.is_complex():
-                raise TypeError(f"normalizer must be real, got {normalizer.dtype}")
+                raise FusedLossTypeError(f"normalizer must be real, got {normalizer.dtype}")
             check_same_device("inputs", inputs, normalizer=normalizer)
         elif isinstance(normalizer, numbers.Real) and not isinstance(normalizer, bool):
             if not normalizer >= 0:
-                raise ValueError(f"normalizer must be >= 0, got {normalizer!r}")
+                raise FusedLossValueError(f"normalizer must be >= 0, got {normalizer!r}")
             normalizer = torch.tensor(float(normalizer), device=inputs.device)
         else:
-            raise TypeError(f"normalizer must be a number or a tensor, "
-                            f"got {type(normalizer).__name__}")
+            raise FusedLossTypeError(f"normalizer must be a number or a tensor, "
+                                     f"got {type(normalizer).__name__}")
     check_same_device("inputs", inputs, targets=targets)
     return _SigmoidFocal.apply(inputs, targets, float(alpha), gamma, reduction, normalizer)
 
@@ -163,7 +173,7 @@ class _SoftmaxFocal(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if compute_grad:
             ctx.save_for_backward(grad.view(input.shape))
-        return out.to(input.dtype)
+        return out.to(amp_dtype(input))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -187,7 +197,7 @@ def softmax_focal_loss(input, target, gamma: float = 2.0, alpha=None, ignore_ind
     shape (), (N) or (N, d1, ..., dk). alpha: None, a number, or a per-class tensor (C,).
     'mean' divides by the sum of alpha_t over non-ignored rows (the count without alpha), so with
     gamma = 0 this equals cross_entropy(input, target, weight=alpha, ignore_index=...).
-    Target range: checked on every backend; on CUDA in eager mode only (as cross_entropy).
+    Target range: as cross_entropy (IndexError on CPU tensors, a device-side assert on CUDA).
     """
     reduction = resolve_reduction(reduction)
     n_classes = class_count(input)
@@ -201,9 +211,11 @@ def softmax_focal_loss(input, target, gamma: float = 2.0, alpha=None, ignore_ind
         elif isinstance(alpha, torch.Tensor):
             check_tensor("alpha", alpha)
             if alpha.dim() != 1 or alpha.numel() != n_classes:
-                raise ValueError(f"alpha must be a number or have shape ({n_classes},) (one per "
-                                 f"class), got {tuple(alpha.shape)}")
+                raise FusedLossValueError(
+                    f"alpha must be a number or have shape ({n_classes},) (one per "
+                    f"class), got {tuple(alpha.shape)}")
         else:
-            raise TypeError(f"alpha must be None, a number or a tensor, got {type(alpha).__name__}")
+            raise FusedLossTypeError(
+                f"alpha must be None, a number or a tensor, got {type(alpha).__name__}")
     check_same_device("input", input, target=target, alpha=alpha)
     return _SoftmaxFocal.apply(input, target, alpha, gamma, int(ignore_index), reduction)

@@ -9,7 +9,8 @@ import warnings
 import torch
 
 from . import _backend
-from ._common import check_same_device, check_tensor, reduce_loss, resolve_reduction
+from ._common import (FusedLossValueError, amp_dtype, check_same_device, check_tensor, reduce_loss,
+                      resolve_reduction)
 from ._elementwise import IMPLS, ElementwiseLoss, broadcast_shape, fake_bwd, fake_fwd
 
 if _backend.HAS_TRITON:
@@ -65,18 +66,20 @@ def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
     _check("huber_loss", input, target)
     delta = float(delta)
     if not delta > 0:
-        raise ValueError(f"delta must be > 0 (huber_loss does not support non-positive values for "
-                         f"delta), got {delta}")
-    out_dtype = input.dtype
+        raise FusedLossValueError(
+            f"delta must be > 0 (huber_loss does not support non-positive values for "
+            f"delta), got {delta}")
+    out_dtype = amp_dtype(input)
     if weight is not None:
         check_tensor("weight", weight)
         if weight.shape != input.shape:
-            raise ValueError(f"weight must have the input's shape {tuple(input.shape)}, got "
-                             f"{tuple(weight.shape)}")
+            raise FusedLossValueError(
+                f"weight must have the input's shape {tuple(input.shape)}, got "
+                f"{tuple(weight.shape)}")
         check_same_device("input", input, weight=weight)
-        out_dtype = torch.promote_types(input.dtype, weight.dtype)
+        out_dtype = torch.promote_types(out_dtype, amp_dtype(weight))
         if weight.requires_grad:
-            loss = ElementwiseLoss.apply("huber", (delta, False), "none", input.dtype, input,
+            loss = ElementwiseLoss.apply("huber", (delta, False), "none", amp_dtype(input), input,
                                          target, None, None) * weight
             return reduce_loss(loss, reduction)
     return ElementwiseLoss.apply("huber", (delta, False), reduction, out_dtype, input, target,
@@ -91,8 +94,9 @@ def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mea
     _check("smooth_l1_loss", input, target)
     beta = float(beta)
     if not beta >= 0:
-        raise ValueError(f"beta must be >= 0 (smooth_l1_loss does not support negative values for "
-                         f"beta), got {beta}")
-    return ElementwiseLoss.apply("huber", (beta, True), reduction,
-                                 torch.promote_types(input.dtype, target.dtype), input, target,
-                                 None, None)
+        raise FusedLossValueError(
+            f"beta must be >= 0 (smooth_l1_loss does not support negative values for "
+            f"beta), got {beta}")
+    out_dtype = torch.promote_types(amp_dtype(input), amp_dtype(target))
+    return ElementwiseLoss.apply("huber", (beta, True), reduction, out_dtype, input, target, None,
+                                 None)

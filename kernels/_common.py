@@ -1,5 +1,6 @@
-"""Helpers shared by the Triton kernels: block-size heuristics, the online log-sum-exp step, log1p,
-and the row machinery of the softmax losses (csrc/rows.h's twin)."""
+"""Helpers shared by the Triton kernels: the device guard of every launch, block-size heuristics,
+the online log-sum-exp step, log1p, and the row machinery of the softmax losses (csrc/rows.h's
+twin)."""
 import os
 
 import torch
@@ -7,6 +8,32 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class device_guard:
+    """`with device_guard(t): kernel[grid](...)` around every launch. Triton launches on the
+    current CUDA device, which on a multi-GPU rank need not be t's; this makes it t's for the
+    launch (torch.cuda.device). A no-op for CPU tensors (the interpreter). `active` holds the
+    devices of the guards entered, innermost last: the tests check that every launch is inside one.
+    """
+
+    active = []
+
+    def __init__(self, t: torch.Tensor):
+        self.device = t.device
+        self._cuda = torch.cuda.device(t.device) if t.device.type == "cuda" else None
+
+    def __enter__(self):
+        if self._cuda is not None:
+            self._cuda.__enter__()
+        device_guard.active.append(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        device_guard.active.pop()
+        if self._cuda is not None:
+            return self._cuda.__exit__(*exc)
+        return False
 
 
 def row_block(n_cols: int, max_block: int = 8192):
@@ -28,6 +55,14 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def float_arg(v, ACC: tl.constexpr):
+    """A float kernel argument in the acc dtype. Declare it `v: tl.float64` in the kernel's
+    signature: Triton passes an undeclared Python float as fp32, which would round eps, alpha or
+    gamma for fp64 inputs; an fp32 kernel gets fp32(v), rounded once here."""
+    return (tl.zeros((), ACC) + v).to(ACC)
 
 
 @triton.jit
@@ -80,7 +115,7 @@ def row_stats(x_row, stride_xc, C, y, valid, WEIGHT, HAS_WEIGHT: tl.constexpr,
         x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=cols < c_read, other=0.0).to(ACC)
         if SUM_WX:
             if HAS_WEIGHT:
-                w = tl.load(WEIGHT + cols, mask=cols < C, other=0.0).to(ACC)
+                w = tl.load(WEIGHT + cols.to(tl.int64), mask=cols < C, other=0.0).to(ACC)
                 swx += tl.sum(w * x, 0)
                 w_sum += tl.sum(w, 0)
             else:

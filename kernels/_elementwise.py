@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, acc_dtype, tl_acc
+from ._common import INTERPRET, acc_dtype, device_guard, tl_acc
 
 
 def elem_block(numel: int):
@@ -19,13 +19,6 @@ def elem_block(numel: int):
     cap = 1 << 16 if INTERPRET else 1024
     block = min(triton.next_power_of_2(max(numel, 1)), cap)
     return block, 4
-
-
-def split_float(v: float):
-    """v as fp32 hi + lo: Triton passes Python floats as fp32, and hi + lo recovers v to about
-    2^-48 in an fp64 kernel (an fp32 kernel just gets fp32(v))."""
-    hi = float(torch.tensor(v, dtype=torch.float32))
-    return hi, float(torch.tensor(v - hi, dtype=torch.float32))
 
 
 @triton.jit
@@ -67,17 +60,18 @@ def launch(kernel, x, y, w, pw, go, reduction, want_loss, grad_input, grad_targe
     gx = torch.empty(x.shape if grad_input else (0,), dtype=x.dtype, device=dev)
     gy = torch.empty(x.shape if grad_target else (0,), dtype=x.dtype, device=dev)
     if numel > 0:
-        zeros = (0, 0, 0, 0)
-        kernel[(grid,)](
-            x, y, x if w is None else w, x if pw is None else pw, x if go is None else go,
-            loss, gx, gy, numel, x.shape[1], x.shape[2], x.shape[3],
-            *x.stride(), *y.stride(), *(zeros if w is None else w.stride()),
-            *(zeros if pw is None else pw.stride()), *(zeros if go is None else go.stride()),
-            *params,
-            HAS_W=w is not None, HAS_PW=pw is not None, REDUCTION=reduction,
-            COMPUTE_LOSS=want_loss, GRAD_X=grad_input, GRAD_Y=grad_target, ACC=tl_acc(x.dtype),
-            BLOCK=block, num_warps=num_warps, **consts,
-        )
+        with device_guard(x):
+            zeros = (0, 0, 0, 0)
+            kernel[(grid,)](
+                x, y, x if w is None else w, x if pw is None else pw, x if go is None else go,
+                loss, gx, gy, numel, x.shape[1], x.shape[2], x.shape[3],
+                *x.stride(), *y.stride(), *(zeros if w is None else w.stride()),
+                *(zeros if pw is None else pw.stride()), *(zeros if go is None else go.stride()),
+                *params,
+                HAS_W=w is not None, HAS_PW=pw is not None, REDUCTION=reduction,
+                COMPUTE_LOSS=want_loss, GRAD_X=grad_input, GRAD_Y=grad_target,
+                ACC=tl_acc(x.dtype), BLOCK=block, num_warps=num_warps, **consts,
+            )
     if want_loss and reduce:
         loss = loss.sum()  # 0 partials: 0, and mean of nothing is NaN below, as torch's
         if reduction == 1:

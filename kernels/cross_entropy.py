@@ -13,15 +13,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, row_block, row_setup, row_stats, tl_acc
+from ._common import (acc_dtype, device_guard, float_arg, row_block, row_setup, row_stats,
+                      tl_acc)
 
 
 @triton.jit
 def _cross_entropy_fwd_kernel(
     X, stride_xn, stride_xc, stride_xd, D, TARGET, WEIGHT, LOSS, LSE,
-    C, ignore_index, label_smoothing, z_loss,
+    C, ignore_index, label_smoothing: tl.float64, z_loss: tl.float64,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    label_smoothing = float_arg(label_smoothing, ACC)
+    z_loss = float_arg(z_loss, ACC)
     row, x_row, y, valid = row_setup(X, stride_xn, stride_xd, D, TARGET, C, ignore_index)
     lse, nll, q, swx, w_sum = row_stats(x_row, stride_xc, C, y, valid, WEIGHT, HAS_WEIGHT,
                                         HAS_SMOOTHING, ACC, BLOCK)
@@ -41,10 +44,12 @@ def _cross_entropy_fwd_kernel(
 def _cross_entropy_bwd_kernel(
     X, stride_xn, stride_xc, stride_xd, D, TARGET, WEIGHT, LSE, GRAD_SCALE, W_SUM,
     G, stride_gn, stride_gc, stride_gd,
-    C, ignore_index, label_smoothing, z_loss,
+    C, ignore_index, label_smoothing: tl.float64, z_loss: tl.float64,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    label_smoothing = float_arg(label_smoothing, ACC)
+    z_loss = float_arg(z_loss, ACC)
     row, x_row, y, valid = row_setup(X, stride_xn, stride_xd, D, TARGET, C, ignore_index)
     w_y = tl.load(WEIGHT + y).to(ACC) if HAS_WEIGHT else 1.0
     k = label_smoothing / C
@@ -63,7 +68,7 @@ def _cross_entropy_bwd_kernel(
         g = p * a  # the target column is written after the sweep, from q
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
-                g -= k * tl.load(WEIGHT + cols, mask=cols < C, other=0.0).to(ACC)
+                g -= k * tl.load(WEIGHT + cols.to(tl.int64), mask=cols < C, other=0.0).to(ACC)
             else:
                 g -= k
         g = tl.where(valid, g * scale, 0.0)
@@ -83,12 +88,13 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_l
     if rows == 0:
         return loss, lse
     block, num_warps = row_block(C)
-    _cross_entropy_fwd_kernel[(rows,)](
-        logits, *logits.stride(), D, target, weight if weight is not None else loss, loss, lse,
-        C, ignore_index, float(label_smoothing), float(z_loss),
-        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing != 0.0,
-        ACC=tl_acc(logits.dtype), BLOCK=block, num_warps=num_warps,
-    )
+    with device_guard(logits):
+        _cross_entropy_fwd_kernel[(rows,)](
+            logits, *logits.stride(), D, target, weight if weight is not None else loss, loss, lse,
+            C, ignore_index, float(label_smoothing), float(z_loss),
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing != 0.0,
+            ACC=tl_acc(logits.dtype), BLOCK=block, num_warps=num_warps,
+        )
     return loss, lse
 
 
@@ -102,15 +108,16 @@ def cross_entropy_bwd(grad_scale, logits, target, lse, weight, ignore_index, lab
     if N * D == 0:
         return grad
     block, num_warps = row_block(C)
-    w_sum = weight.sum() if weight is not None else lse  # a device scalar: no host sync
-    _cross_entropy_bwd_kernel[(N * D,)](
-        logits, *logits.stride(), D, target, weight if weight is not None else lse, lse,
-        grad_scale, w_sum, grad, *grad.stride(),
-        C, ignore_index, float(label_smoothing), float(z_loss),
-        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing != 0.0,
-        PER_ROW_SCALE=grad_scale.numel() != 1, ACC=tl_acc(logits.dtype), BLOCK=block,
-        num_warps=num_warps,
-    )
+    with device_guard(logits):
+        w_sum = weight.sum() if weight is not None else lse  # a device scalar: no host sync
+        _cross_entropy_bwd_kernel[(N * D,)](
+            logits, *logits.stride(), D, target, weight if weight is not None else lse, lse,
+            grad_scale, w_sum, grad, *grad.stride(),
+            C, ignore_index, float(label_smoothing), float(z_loss),
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing != 0.0,
+            PER_ROW_SCALE=grad_scale.numel() != 1, ACC=tl_acc(logits.dtype), BLOCK=block,
+            num_warps=num_warps,
+        )
     return grad
 
 

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, log1p, row_block, row_setup, row_stats, tl_acc
+from ._common import (acc_dtype, device_guard, float_arg, log1p, row_block, row_setup,
+                      row_stats, tl_acc)
 
 # Elements per partial sum of the reduced sigmoid loss (kChunk in csrc/focal.cpp).
 CHUNK = 4096
@@ -31,10 +32,12 @@ def _pow_gamma(q, gamma):
 
 @triton.jit
 def _sigmoid_focal_fwd_kernel(
-    X, Y, GRAD_SCALE, LOSS, G, n, alpha, gamma,
+    X, Y, GRAD_SCALE, LOSS, G, n, alpha: tl.float64, gamma: tl.float64,
     HAS_ALPHA: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, REDUCE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    alpha = float_arg(alpha, ACC)
+    gamma = float_arg(gamma, ACC)
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -78,12 +81,13 @@ def sigmoid_focal_fwd(input, target, grad_scale, alpha, gamma, reduce, compute_g
     grad = torch.empty_like(input) if compute_grad else input.new_empty(0)
     if n == 0:
         return loss, grad
-    _sigmoid_focal_fwd_kernel[(chunks,)](
-        input, target, grad_scale if grad_scale is not None else loss, loss,
-        grad if compute_grad else input, n, float(alpha), float(gamma),
-        HAS_ALPHA=alpha >= 0, HAS_GRAD_SCALE=grad_scale is not None, REDUCE=reduce,
-        COMPUTE_GRAD=compute_grad, ACC=tl_acc(input.dtype), BLOCK=CHUNK, num_warps=8,
-    )
+    with device_guard(input):
+        _sigmoid_focal_fwd_kernel[(chunks,)](
+            input, target, grad_scale if grad_scale is not None else loss, loss,
+            grad if compute_grad else input, n, float(alpha), float(gamma),
+            HAS_ALPHA=alpha >= 0, HAS_GRAD_SCALE=grad_scale is not None, REDUCE=reduce,
+            COMPUTE_GRAD=compute_grad, ACC=tl_acc(input.dtype), BLOCK=CHUNK, num_warps=8,
+        )
     return loss, grad
 
 
@@ -92,10 +96,11 @@ def _softmax_focal_fwd_kernel(
     X, stride_xn, stride_xc, stride_xd, D,
     TARGET, ALPHA, GRAD_SCALE, LOSS,
     G, stride_gn, stride_gc, stride_gd,
-    C, ignore_index, gamma,
+    C, ignore_index, gamma: tl.float64,
     HAS_ALPHA: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    gamma = float_arg(gamma, ACC)
     row, x_row, t_safe, valid = row_setup(X, stride_xn, stride_xd, D, TARGET, C, ignore_index)
     lse, nll, q, _, _ = row_stats(x_row, stride_xc, C, t_safe, valid, ALPHA, False, False, ACC,
                                   BLOCK)
@@ -131,13 +136,14 @@ def softmax_focal_fwd(logits, target, alpha, grad_scale, ignore_index, gamma, co
         return loss, grad
     g = grad if compute_grad else logits
     block, num_warps = row_block(C)
-    _softmax_focal_fwd_kernel[(rows,)](
-        logits, *logits.stride(), D,
-        target, alpha if alpha is not None else loss,
-        grad_scale if grad_scale is not None else loss, loss,
-        g, *g.stride(),
-        C, ignore_index, float(gamma),
-        HAS_ALPHA=alpha is not None, HAS_GRAD_SCALE=grad_scale is not None,
-        COMPUTE_GRAD=compute_grad, ACC=tl_acc(logits.dtype), BLOCK=block, num_warps=num_warps,
-    )
+    with device_guard(logits):
+        _softmax_focal_fwd_kernel[(rows,)](
+            logits, *logits.stride(), D,
+            target, alpha if alpha is not None else loss,
+            grad_scale if grad_scale is not None else loss, loss,
+            g, *g.stride(),
+            C, ignore_index, float(gamma),
+            HAS_ALPHA=alpha is not None, HAS_GRAD_SCALE=grad_scale is not None,
+            COMPUTE_GRAD=compute_grad, ACC=tl_acc(logits.dtype), BLOCK=block, num_warps=num_warps,
+        )
     return loss, grad

@@ -5,12 +5,13 @@ kernels/bce.py), in d = x - y with threshold t = delta:
   L     = w (|d| < t ? k d^2 / 2 : m (|d| - t/2))
   dL/dx = w (|d| < t ? k d : m sign(d)),  dL/dy = -dL/dx,  sign(0) = 0
 Huber: k = 1, m = delta. SmoothL1 (beta = delta): k = 1/beta (0 at beta = 0, whose quadratic
-branch is never taken: exact L1), m = 1. delta arrives as fp32 hi + lo (exact in an fp64 kernel).
+branch is never taken: exact L1), m = 1. delta arrives as fp64 (exact in an fp64 kernel).
 """
 import triton
 import triton.language as tl
 
-from ._elementwise import coords4, finish, launch, load4, split_float
+from ._common import float_arg
+from ._elementwise import coords4, finish, launch, load4
 
 
 @triton.jit
@@ -18,7 +19,7 @@ def _huber_kernel(
     X, Y, W, PW, GO, LOSS, GX, GY, numel, D1, D2, D3,
     sx0, sx1, sx2, sx3, sy0, sy1, sy2, sy3, sw0, sw1, sw2, sw3, sp0, sp1, sp2, sp3,
     sg0, sg1, sg2, sg3,
-    delta_hi, delta_lo,
+    delta: tl.float64,
     SMOOTH_L1: tl.constexpr,
     HAS_W: tl.constexpr, HAS_PW: tl.constexpr, REDUCTION: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr, ACC: tl.constexpr,
@@ -31,7 +32,7 @@ def _huber_kernel(
     x = load4(X, i0, i1, i2, i3, sx0, sx1, sx2, sx3, mask, ACC)
     y = load4(Y, i0, i1, i2, i3, sy0, sy1, sy2, sy3, mask, ACC)
     w = load4(W, i0, i1, i2, i3, sw0, sw1, sw2, sw3, mask, ACC) if HAS_W else 1.0
-    t = (tl.zeros((), ACC) + delta_hi) + delta_lo
+    t = float_arg(delta, ACC)
     if SMOOTH_L1:
         k = tl.where(t > 0, 1.0 / tl.where(t > 0, t, 1.0), 0.0)
         m = tl.full((), 1.0, ACC)
@@ -57,7 +58,7 @@ def huber_fwd(input, target, weight, delta, smooth_l1, reduction):
     """Launch on 4-d views; same contract as torch.ops.fusedloss.huber_fwd."""
     _check_delta(delta, smooth_l1)
     return launch(_huber_kernel, input, target, weight, None, None, reduction, True, False, False,
-                  *split_float(delta), SMOOTH_L1=smooth_l1)[0]
+                  float(delta), SMOOTH_L1=smooth_l1)[0]
 
 
 def huber_bwd(grad_out, input, target, weight, delta, smooth_l1, reduction, grad_input,
@@ -65,4 +66,4 @@ def huber_bwd(grad_out, input, target, weight, delta, smooth_l1, reduction, grad
     """Launch on 4-d views; same contract as torch.ops.fusedloss.huber_bwd."""
     _check_delta(delta, smooth_l1)
     return launch(_huber_kernel, input, target, weight, None, grad_out, reduction, False,
-                  grad_input, grad_target, *split_float(delta), SMOOTH_L1=smooth_l1)[1:]
+                  grad_input, grad_target, float(delta), SMOOTH_L1=smooth_l1)[1:]

@@ -6,6 +6,12 @@ FUSEDLOSS_BACKEND=triton on CPU tensors in a subprocess without TRITON_INTERPRET
 launch is replaced by a compilation to PTX and cubin of that exact specialisation (argument types
 as launched, ints equal to 1 specialised as Triton does). Nothing runs on a device, so the values
 computed are meaningless; only compilation is checked.
+
+Two properties of the compiled code are checked on the way, for every launch:
+- every pointer offset is 64-bit: each `tt.addptr` in the TTIR takes an i64 offset (a 32-bit
+  `cols * stride` or `pid * BLOCK` overflows once an input passes 2^31 elements);
+- every Python float argument is declared `tl.float64` (Triton passes undeclared floats as fp32,
+  which rounds eps, alpha or gamma for fp64 inputs).
 """
 import os
 import subprocess
@@ -14,6 +20,7 @@ import sys
 import pytest
 
 SCRIPT = r"""
+import re, sys
 import torch, triton, triton.language as tl
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
@@ -23,6 +30,18 @@ TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8",
          torch.int8: "i8", torch.bool: "i1"}
 seen = {}
+problems = set()
+
+def narrow_offsets(ttir):
+    # The tt.addptr lines of a TTIR module whose offset is not i64.
+    bad = []
+    for line in ttir.splitlines():
+        if "tt.addptr" not in line:
+            continue
+        offset_type = re.sub(r"\s+loc\(.*$", "", line).rsplit(",", 1)[1].strip()
+        if not offset_type.rstrip(">").endswith("i64"):
+            bad.append(line.strip())
+    return bad
 
 def fake_run(self, *args, grid, warmup, **kwargs):
     names = self.arg_names
@@ -43,7 +62,9 @@ def fake_run(self, *args, grid, warmup, **kwargs):
             else:
                 sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
         elif isinstance(v, float):
-            sig[p.name] = "fp32"
+            sig[p.name] = p.annotation_type or "fp32"  # as Triton's own specialisation
+            if sig[p.name] != "fp64":
+                problems.add(f"{self.__name__}: float argument {p.name} is not declared tl.float64")
         else:
             raise TypeError(f"{self.__name__}: argument {p.name} of type {type(v)}")
     key = (self.__name__, tuple(sorted(sig.items())), repr(sorted(consts.items(), key=str)),
@@ -55,6 +76,8 @@ def fake_run(self, *args, grid, warmup, **kwargs):
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": options.get("num_warps", 4)})
         assert "cubin" in k.asm, self.__name__
+    for line in narrow_offsets(k.asm["ttir"]):
+        problems.add(f"{self.__name__}: 32-bit pointer offset: {line}")
     seen[key] = self.__name__
 
 JITFunction.run = fake_run
@@ -105,6 +128,9 @@ if hasattr(F, "sigmoid_focal_loss"):
             for kw in [{}, dict(gamma=0.5, alpha=torch.rand(5)), dict(gamma=0.0, reduction="none"),
                        dict(alpha=0.25, reduction="sum")]:
                 grad_of(lambda x: F.softmax_focal_loss(x, t, **kw), x)
+if problems:
+    print("\n".join(sorted(problems)))
+    sys.exit(1)
 print("COMPILED", len(seen), sorted(set(seen.values())))
 """
 

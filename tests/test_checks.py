@@ -1,0 +1,229 @@
+"""Checks that span every loss: exception classes, the device guard of every Triton launch, meta
+and fake tensors, and (with CUDA) the device-side range check that does not synchronise."""
+import ast
+import os
+import pathlib
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fusedloss
+import fusedloss.kernels
+from fusedloss import _backend
+from fusedloss import functional as F
+from conftest import requires_cuda
+
+ROOT = pathlib.Path(fusedloss.__file__).parent
+
+# ---------------------------------------------------------------- exceptions
+
+# The modules that validate loss arguments (training.py has its own rules).
+LOSS_MODULES = ["_common", "_elementwise", "bce", "cross_entropy", "distributed", "focal", "huber"]
+
+
+def test_no_plain_value_or_type_error_in_loss_modules():
+    """Every raise of ValueError / TypeError in the loss modules uses the classes that are also
+    RuntimeErrors (fusedloss._common), so code that catches torch's RuntimeError catches ours."""
+    plain = []
+    for name in LOSS_MODULES:
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                if isinstance(exc, ast.Name) and exc.id in ("ValueError", "TypeError"):
+                    plain.append(f"{name}.py:{node.lineno} raises {exc.id}")
+    assert not plain, "\n".join(plain)
+
+
+x45 = torch.randn(4, 5)
+t4 = torch.tensor([0, 1, 2, 3])
+# (ours, torch's) on the same bad input
+BAD = {
+    "ce reduction": lambda f: f.cross_entropy(x45, t4, reduction="avg"),
+    "ce target shape": lambda f: f.cross_entropy(x45, t4[:3]),
+    "ce target dtype": lambda f: f.cross_entropy(x45, t4.int()),
+    "ce weight shape": lambda f: f.cross_entropy(x45, t4, weight=torch.rand(4)),
+    "ce label_smoothing": lambda f: f.cross_entropy(x45, t4, label_smoothing=1.5),
+    "ce out of range": lambda f: f.cross_entropy(x45, torch.tensor([0, 1, 5, 2])),
+    "ce integer input": lambda f: f.cross_entropy(x45.long(), t4),
+    "ce probability shape": lambda f: f.cross_entropy(x45, torch.rand(4, 3)),
+    "bce shape": lambda f: f.binary_cross_entropy_with_logits(x45, torch.rand(4, 3)),
+    "bce reduction": lambda f: f.binary_cross_entropy_with_logits(x45, x45, reduction="avg"),
+    "bce weight": lambda f: f.binary_cross_entropy_with_logits(x45, x45, weight=torch.rand(3)),
+    "huber delta": lambda f: f.huber_loss(x45, x45, delta=0.0),
+    "huber broadcast": lambda f: f.huber_loss(x45, torch.rand(3)),
+    "huber integer": lambda f: f.huber_loss(t4, t4),
+    "smooth_l1 beta": lambda f: f.smooth_l1_loss(x45, x45, beta=-1.0),
+    "smooth_l1 reduction": lambda f: f.smooth_l1_loss(x45, x45, reduction="avg"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*target size")
+@pytest.mark.parametrize("case", list(BAD))
+def test_errors_catchable_as_torchs(case):
+    """Whatever torch raises for a bad input, the same except clause catches ours: its class, or
+    RuntimeError where torch raises a RuntimeError subclass (NotImplementedError for a dtype)."""
+    with pytest.raises(Exception) as theirs:
+        BAD[case](TF)
+    with pytest.raises(Exception) as ours:
+        BAD[case](F)
+    want = theirs.type if not issubclass(theirs.type, RuntimeError) else RuntimeError
+    assert isinstance(ours.value, want), f"torch: {theirs.type.__name__}, ours: {ours.type.__mro__}"
+    assert isinstance(ours.value, (ValueError, TypeError, IndexError))
+
+
+# ---------------------------------------------------------------- device guard
+
+
+def _kernel_names():
+    """Every Triton kernel (a jitted `_..._kernel`) in fusedloss.kernels."""
+    import importlib
+
+    names = set()
+    for mod in pkgutil.iter_modules(fusedloss.kernels.__path__):
+        m = importlib.import_module(f"fusedloss.kernels.{mod.name}")
+        for attr, v in vars(m).items():
+            if attr.endswith("_kernel") and hasattr(v, "run") and hasattr(v, "arg_names"):
+                names.add(attr)
+    return names
+
+
+def _every_loss(device):
+    """Forward and backward of every loss on the triton backend (tiny shapes)."""
+    x = torch.randn(4, 5, device=device, requires_grad=True)
+    t = torch.tensor([0, 1, 4, -100], device=device)
+    y = torch.rand(4, 5, device=device)
+    w = torch.rand(5, device=device)
+    for loss in [F.cross_entropy(x, t, weight=w, label_smoothing=0.1),
+                 F.cross_entropy(x * 1.0, t, inplace_backward=True),
+                 F.binary_cross_entropy_with_logits(x, y, pos_weight=w),
+                 F.huber_loss(x, y), F.smooth_l1_loss(x, y),
+                 F.sigmoid_focal_loss(x, y, reduction="sum"),
+                 F.softmax_focal_loss(x, t, alpha=w)]:
+        loss.backward()
+
+
+def test_every_triton_launch_is_under_the_device_guard(monkeypatch):
+    """Each kernel launch runs inside kernels._common.device_guard of its tensors' device (Triton
+    launches on the current CUDA device), and every kernel of fusedloss.kernels is launched here:
+    a new kernel must be added to _every_loss, and a launcher without the guard fails."""
+    from fusedloss.kernels import _common as kc
+    from fusedloss.kernels import cross_entropy as kce
+
+    monkeypatch.setattr(_backend, "_ENV", "triton")
+    kernel_cls = type(kce._cross_entropy_fwd_kernel)
+    original = kernel_cls.run
+    launches = []
+
+    def run(self, *args, **kwargs):
+        tensor = next(a for a in args if isinstance(a, torch.Tensor))
+        launches.append((self.__name__, list(kc.device_guard.active), tensor.device))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_cls, "run", run)
+    device = (torch.device("cuda", torch.cuda.device_count() - 1) if torch.cuda.is_available()
+              else torch.device("cpu"))
+    _every_loss(device)
+    unguarded = [name for name, active, dev in launches if not active or active[-1] != dev]
+    assert not unguarded, f"launched outside device_guard(tensor): {sorted(set(unguarded))}"
+    missing = _kernel_names() - {name for name, _, _ in launches}
+    assert not missing, f"kernels this test never launches (add them to _every_loss): {missing}"
+
+
+def test_device_guard_sets_the_cuda_device():
+    """On CUDA the guard makes the tensor's device current for the launch, then restores it."""
+    from fusedloss.kernels._common import device_guard
+
+    x = torch.zeros(1)
+    with device_guard(x):
+        assert device_guard.active == [x.device]
+    assert device_guard.active == []
+    if torch.cuda.is_available():
+        last = torch.device("cuda", torch.cuda.device_count() - 1)
+        before = torch.cuda.current_device()
+        with device_guard(torch.zeros(1, device=last)):
+            assert torch.cuda.current_device() == last.index
+        assert torch.cuda.current_device() == before
+
+
+# ---------------------------------------------------------------- meta and fake tensors
+
+META_CASES = {
+    "cross_entropy": lambda x, t, y, w: F.cross_entropy(x, t, weight=w, label_smoothing=0.1),
+    "cross_entropy none": lambda x, t, y, w: F.cross_entropy(x, t, reduction="none"),
+    "cross_entropy probs": lambda x, t, y, w: F.cross_entropy(x, y),
+    "bce": lambda x, t, y, w: F.binary_cross_entropy_with_logits(x, y, pos_weight=w),
+    "huber": lambda x, t, y, w: F.huber_loss(x, y, reduction="none"),
+    "smooth_l1": lambda x, t, y, w: F.smooth_l1_loss(x, y),
+    "sigmoid_focal": lambda x, t, y, w: F.sigmoid_focal_loss(x, y, normalizer=2.0, reduction="sum"),
+    "softmax_focal": lambda x, t, y, w: F.softmax_focal_loss(x, t, alpha=w),
+    "softmax_focal none": lambda x, t, y, w: F.softmax_focal_loss(x, t, reduction="none"),
+}
+
+
+def _shapes_and_dtypes(device, dtype):
+    x = torch.randn(4, 5, device=device, dtype=dtype, requires_grad=True)
+    t = torch.zeros(4, dtype=torch.long, device=device)
+    y = torch.rand(4, 5, device=device, dtype=dtype)
+    w = torch.rand(5, device=device)
+    out = {name: fn(x, t, y, w) for name, fn in META_CASES.items()}
+    for loss in out.values():
+        loss.sum().backward()
+    return {name: (o.shape, o.dtype) for name, o in out.items()}, (x.grad.shape, x.grad.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("env", ["", "triton"])
+def test_meta_and_fake_tensors(monkeypatch, env, dtype):
+    """Meta and FakeTensorMode inputs run through the ops' fake kernels (no value is read), forward
+    and backward, with the shapes and dtypes of real inputs, whatever FUSEDLOSS_BACKEND says."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = _shapes_and_dtypes("cpu", dtype)
+    monkeypatch.setattr(_backend, "_ENV", env)
+    assert _shapes_and_dtypes("meta", dtype) == real
+    with FakeTensorMode():
+        assert _shapes_and_dtypes("cpu", dtype) == real
+
+
+# ---------------------------------------------------------------- CUDA: device-side range check
+
+
+@requires_cuda
+def test_cuda_losses_do_not_synchronise():
+    """Forward and backward of the class-index losses on CUDA make no host sync (the range check
+    is a device-side assertion)."""
+    x = torch.randn(64, 1000, device="cuda", requires_grad=True)
+    t = torch.randint(0, 1000, (64,), device="cuda")
+    F.cross_entropy(x, t).backward()  # warm-up (compiles the kernels)
+    F.softmax_focal_loss(x, t).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        F.cross_entropy(x, t, label_smoothing=0.1).backward()
+        F.softmax_focal_loss(x, t, alpha=0.25).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@requires_cuda
+@pytest.mark.parametrize("loss", ["cross_entropy", "softmax_focal_loss"])
+@pytest.mark.parametrize("value", [5, -1])
+def test_cuda_bad_target_device_assert(loss, value):
+    """On CUDA an out-of-range target trips a device-side assertion: the next synchronising call
+    raises RuntimeError (run in a subprocess: the CUDA context is lost afterwards)."""
+    script = (f"import torch, fusedloss\n"
+              f"x = torch.randn(4, 5, device='cuda')\n"
+              f"t = torch.tensor([0, 1, {value}, 2], device='cuda')\n"
+              f"try:\n"
+              f"    fusedloss.functional.{loss}(x, t).item()\n"
+              f"except RuntimeError as e:\n"
+              f"    print('RAISED', 'device-side assert' in str(e))\n")
+    env = {k: v for k, v in os.environ.items() if k != "FUSEDLOSS_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert "RAISED True" in out.stdout, out.stdout + out.stderr[-2000:]
