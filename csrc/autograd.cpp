@@ -8,15 +8,18 @@
 // The kernels are the same ops as the Python path's (called through the dispatcher, so CUDA
 // tensors reach the Triton kernels registered for "cuda"); the Python path stays for what these
 // ops do not cover (probability targets, inplace_backward, broadcast operands, other backends).
+#include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/ne.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/where.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 namespace fusedloss {
@@ -51,9 +54,17 @@ using CeBwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                      const optional<Tensor>&, int64_t, double, double);
 
 struct CEForward {
-  Tensor out, t, lse, denom;
+  Tensor out, t, lse, denom;  // denom: the mean's, as a device tensor (generic path)
+  double denom_host = 0;      // ... or as a number (plain CPU tensors; 0 = none)
   optional<Tensor> w;
 };
+
+// Real CPU memory: not a meta, fake (Python) or functional tensor, whose values cannot be read.
+bool plain_cpu(const Tensor& t) {
+  return t.device().is_cpu() &&
+         !t.key_set().has_any(
+             c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
+}
 
 // reduction: 0 none, 1 mean, 2 sum. The mean divides by the sum of weight[target] over
 // non-ignored rows (their count without weights), a device tensor: no host sync.
@@ -70,6 +81,26 @@ CEForward ce_forward(const Tensor& input, const Tensor& target, const optional<T
   std::tie(loss, f.lse) = fwd.call(x3, f.t, f.w, ignore_index, label_smoothing, z_loss);
   if (reduction == 0) {
     f.out = loss.view(target.sizes());
+  } else if (plain_cpu(loss)) {
+    // One loop over the rows instead of four small tensor ops (a small batch's time is per-call
+    // overhead), accumulated in fp64; the mean's denominator kept as a number for backward.
+    double sum = 0, den = 0;
+    AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "ce_reduce", [&] {
+      const scalar_t* l = loss.const_data_ptr<scalar_t>();
+      const int64_t* t = f.t.const_data_ptr<int64_t>();
+      const scalar_t* w = f.w.has_value() ? f.w->const_data_ptr<scalar_t>() : nullptr;
+      const int64_t C = x3.size(1);
+      for (int64_t r = 0; r < loss.numel(); ++r) {
+        sum += static_cast<double>(l[r]);
+        if (t[r] == ignore_index) continue;
+        den += w ? static_cast<double>(w[std::clamp<int64_t>(t[r], 0, C - 1)]) : 1.0;
+      }
+    });
+    if (reduction == 1) {
+      f.denom_host = den;
+      sum /= den;  // 0 / 0 = NaN for an all-ignored batch, as torch
+    }
+    f.out = at::scalar_tensor(sum, loss.options());
   } else if (reduction == 2) {
     f.out = loss.sum();
   } else {
@@ -98,6 +129,7 @@ class CrossEntropyFn : public torch::autograd::Function<CrossEntropyFn> {
     ctx->saved_data["t"] = f.t;
     ctx->saved_data["lse"] = f.lse;
     ctx->saved_data["denom"] = f.denom;
+    ctx->saved_data["denom_host"] = f.denom_host;
     ctx->saved_data["w"] = f.w;
     ctx->saved_data["options"] = std::make_tuple(ignore_index, label_smoothing, z_loss);
     return f.out;
@@ -112,8 +144,16 @@ class CrossEntropyFn : public torch::autograd::Function<CrossEntropyFn> {
     const Tensor denom = ctx->saved_data["denom"].toTensor();
     const auto options = ctx->saved_data["options"].to<std::tuple<int64_t, double, double>>();
     // grad_output (one per row for 'none'), times 1/sum of weights for mean, in the acc dtype.
-    Tensor scale = go.reshape(-1).to(lse.scalar_type());
-    if (denom.defined()) scale = scale.div(denom);
+    Tensor scale;
+    const double denom_host = ctx->saved_data["denom_host"].toDouble();
+    if (go.numel() == 1 && plain_cpu(go)) {  // a number on the CPU: no tensor ops
+      const double g = go.item<double>();
+      scale = at::scalar_tensor(denom_host != 0 ? g / denom_host : g, lse.options()).reshape({1});
+    } else {
+      scale = go.reshape(-1).to(lse.scalar_type());
+      if (denom.defined()) scale = scale.div(denom);
+      if (denom_host != 0) scale = scale.div(denom_host);
+    }
     static auto bwd = typed_op<CeBwd>("fusedloss::cross_entropy_bwd");
     const Tensor grad = bwd.call(scale.contiguous(), rows3d(input),
                                          ctx->saved_data["t"].toTensor(), lse,
@@ -192,7 +232,8 @@ class ElementwiseFn : public torch::autograd::Function<ElementwiseFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     variable_list grads(7);
     const Tensor& go = grad_outputs[0];
-    const bool gi = ctx->needs_input_grad(1), gt = ctx->needs_input_grad(2);
+    // needs_input_grad counts tensor arguments only: 0 input, 1 target.
+    const bool gi = ctx->needs_input_grad(0), gt = ctx->needs_input_grad(1);
     if (!go.defined() || !(gi || gt)) return grads;
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &y = saved[1];
