@@ -30,6 +30,11 @@ using c10::optional;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// t in dtype d / contiguous, without calling an op that would return t itself (ops below autograd
+// must not return their inputs: torch.library.opcheck's schema test).
+Tensor cast(const Tensor& t, at::ScalarType d) { return t.scalar_type() == d ? t : t.to(d); }
+Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+
 at::ScalarType acc_of(const Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -40,7 +45,7 @@ at::ScalarType acc_of(const Tensor& t) {
 Tensor rows3d(const Tensor& x) {
   if (x.dim() == 1) return x.is_contiguous() ? x.view({1, -1, 1}) : x.unsqueeze(0).unsqueeze(-1);
   if (x.dim() == 2) return x.unsqueeze(-1);
-  return x.flatten(2);
+  return x.dim() == 3 ? x : x.flatten(2);  // (flatten of 3 dims returns x itself: not an op)
 }
 
 template <typename Sig>
@@ -74,13 +79,13 @@ CEForward ce_forward(const Tensor& input, const Tensor& target, const optional<T
   const Tensor x3 = rows3d(input);
   const auto acc = acc_of(input);
   CEForward f;
-  f.t = target.reshape(-1).to(at::kLong).contiguous();
-  if (weight.has_value() && weight->defined()) f.w = weight->to(acc).contiguous();
+  f.t = dense(cast(target.reshape(-1), at::kLong));
+  if (weight.has_value() && weight->defined()) f.w = dense(cast(*weight, acc));
   Tensor loss;
   static auto fwd = typed_op<CeFwd>("fusedloss::cross_entropy_fwd");
   std::tie(loss, f.lse) = fwd.call(x3, f.t, f.w, ignore_index, label_smoothing, z_loss);
   if (reduction == 0) {
-    f.out = loss.view(target.sizes());
+    f.out = loss.view_symint(target.sym_sizes());
   } else if (plain_cpu(loss)) {
     // One loop over the rows instead of four small tensor ops (a small batch's time is per-call
     // overhead), accumulated in fp64; the mean's denominator kept as a number for backward.
@@ -106,14 +111,14 @@ CEForward ce_forward(const Tensor& input, const Tensor& target, const optional<T
   } else {
     const Tensor valid = f.t.ne(ignore_index);
     if (f.w.has_value()) {
-      const Tensor wy = f.w->index_select(0, f.t.clamp(0, x3.size(1) - 1));
+      const Tensor wy = f.w->index_select(0, f.t.clamp(0, x3.sym_size(1) - 1));
       f.denom = at::where(valid, wy, 0.0).sum();
     } else {
       f.denom = valid.sum(acc);
     }
     f.out = loss.sum().div(f.denom);
   }
-  f.out = f.out.to(out_dtype);
+  f.out = cast(f.out, out_dtype);
   return f;
 }
 
@@ -146,21 +151,21 @@ class CrossEntropyFn : public torch::autograd::Function<CrossEntropyFn> {
     // grad_output (one per row for 'none'), times 1/sum of weights for mean, in the acc dtype.
     Tensor scale;
     const double denom_host = ctx->saved_data["denom_host"].toDouble();
-    if (go.numel() == 1 && plain_cpu(go)) {  // a number on the CPU: no tensor ops
+    if (plain_cpu(go) && go.numel() == 1) {  // a number on the CPU: no tensor ops
       const double g = go.item<double>();
       scale = at::scalar_tensor(denom_host != 0 ? g / denom_host : g, lse.options()).reshape({1});
     } else {
-      scale = go.reshape(-1).to(lse.scalar_type());
+      scale = cast(go.reshape(-1), lse.scalar_type());
       if (denom.defined()) scale = scale.div(denom);
       if (denom_host != 0) scale = scale.div(denom_host);
     }
     static auto bwd = typed_op<CeBwd>("fusedloss::cross_entropy_bwd");
-    const Tensor grad = bwd.call(scale.contiguous(), rows3d(input),
+    const Tensor grad = bwd.call(dense(scale), rows3d(input),
                                          ctx->saved_data["t"].toTensor(), lse,
                                          ctx->saved_data["w"].toOptional<Tensor>(),
                                          std::get<0>(options), std::get<1>(options),
                                          std::get<2>(options));
-    grads[0] = grad.view(input.sizes());
+    grads[0] = grad.view_symint(input.sym_sizes());
     return grads;
   }
 };
@@ -199,7 +204,7 @@ using HuberBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const 
 constexpr int64_t kBce = 0, kHuber = 1;
 
 // The kernels take 4-d views; a contiguous tensor is one run.
-Tensor flat4(const Tensor& t) { return t.reshape({1, 1, 1, t.numel()}); }
+Tensor flat4(const Tensor& t) { return t.reshape_symint({1, 1, 1, t.sym_numel()}); }
 
 Tensor ew_forward(int64_t kind, const Tensor& input, const Tensor& target, double delta,
                   bool smooth_l1, int64_t reduction, at::ScalarType out_dtype) {
@@ -212,7 +217,7 @@ Tensor ew_forward(int64_t kind, const Tensor& input, const Tensor& target, doubl
     static auto fwd = typed_op<HuberFwd>("fusedloss::huber_fwd");
     loss = fwd.call(x4, y4, c10::nullopt, delta, smooth_l1, reduction);
   }
-  return (reduction == 0 ? loss.view(input.sizes()) : loss).to(out_dtype);
+  return cast(reduction == 0 ? loss.view_symint(input.sym_sizes()) : loss, out_dtype);
 }
 
 class ElementwiseFn : public torch::autograd::Function<ElementwiseFn> {
@@ -239,7 +244,7 @@ class ElementwiseFn : public torch::autograd::Function<ElementwiseFn> {
     const Tensor &x = saved[0], &y = saved[1];
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     // A full-shape grad_output for 'none', a 0-dim one (expanded: no copy) otherwise.
-    const Tensor go4 = flat4(go.to(x.scalar_type()).expand(x.sizes()));
+    const Tensor go4 = flat4(cast(go, x.scalar_type()).expand_symint(x.sym_sizes()));
     Tensor gx, gy;
     if (ctx->saved_data["kind"].toInt() == kBce) {
       static auto bwd = typed_op<EwBwd>("fusedloss::bce_bwd");
@@ -251,8 +256,8 @@ class ElementwiseFn : public torch::autograd::Function<ElementwiseFn> {
                                   ctx->saved_data["delta"].toDouble(),
                                   ctx->saved_data["smooth_l1"].toBool(), reduction, gi, gt);
     }
-    if (gi) grads[1] = gx.view(x.sizes());
-    if (gt) grads[2] = gy.view(y.sizes());
+    if (gi) grads[1] = gx.view_symint(x.sym_sizes());
+    if (gt) grads[2] = gy.view_symint(y.sym_sizes());
     return grads;
   }
 };
