@@ -4,6 +4,11 @@ Each bench_<loss>.py builds cases (inputs on a device) and providers (callables 
 backward on those inputs), then calls `run`. Results: a markdown table on stdout, rows appended to
 bench/results/results.csv (with device, versions and date) and a JSON file per loss.
 
+Every script takes --sizes tiny,mid,large (32x10 measures per-call overhead, 256x1000 a small
+classifier, large the bandwidth shapes) and prints a progress line per row on stderr. Each CSV row
+records the ISA, thread count and whether THP allocation was on (run a script a second time with
+THP_MEM_ALLOC_ENABLE=1 for the huge-page figures).
+
 Timing: triton.testing.do_bench (median, 20th/80th percentiles) on CUDA; torch.utils.benchmark on
 the CPU. Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the peak RSS (VmHWM, reset
 through /proc/self/clear_refs) above its level before the call, in a fresh process per row.
@@ -24,16 +29,35 @@ import torch
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+SIZES = ("tiny", "mid", "large")
+
+
 def parse_args(description: str, extra=None):
     """The common options; extra(parser), if given, adds a script's own."""
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small shapes, a smoke run")
+    p.add_argument("--sizes", default=",".join(SIZES),
+                   help="comma-separated subset of tiny (32x10: per-call overhead), mid "
+                        "(256x1000) and large (the loss's bandwidth shapes)")
     p.add_argument("--providers", default=None, help="comma-separated subset of providers")
     p.add_argument("--no-save", action="store_true", help="print only; write no CSV/JSON")
     if extra is not None:
         extra(p)
-    return p.parse_args()
+    args = p.parse_args()
+    args.sizes = [s for s in args.sizes.split(",") if s]
+    bad = [s for s in args.sizes if s not in SIZES]
+    if bad:
+        p.error(f"--sizes: unknown {bad}; choose from {SIZES}")
+    return args
+
+
+def pick(args, by_size: dict, quick):
+    """The shapes to run: quick's for --quick, else by_size[s] for each size in --sizes."""
+    if args.quick:
+        return list(quick)
+    return [shape for s in args.sizes for shape in by_size.get(s, [])]
 
 
 def _rss_kb(field: str):
@@ -137,6 +161,19 @@ def versions() -> dict:
     return v
 
 
+def machine(device) -> dict:
+    """What a row's figures depend on besides the code: the ISA the kernels run (the CPU
+    capability torch detects: AVX512 / AVX2 / DEFAULT; the GPU's compute capability), the
+    thread count, and whether PyTorch's transparent-huge-page allocation is on (on the CPU a
+    fresh logits-sized buffer pays first-touch page faults, ~4x fewer with THP)."""
+    if device.type == "cuda":
+        isa = "sm_%d%d" % torch.cuda.get_device_capability(device)
+    else:
+        isa = torch.backends.cpu.get_cpu_capability()
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0") not in ("", "0")
+    return {"isa": isa, "threads": torch.get_num_threads(), "thp": "on" if thp else "off"}
+
+
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -159,9 +196,11 @@ def run(loss: str, cases, providers: dict, nbytes, args) -> list:
         return []
     names = list(providers) if not args.providers else args.providers.split(",")
     rows = []
+    total, done = len(cases) * len(names), 0
     # Phase 1 times every (case, provider); phase 2 measures peak memory.
     for case, make in cases:
         for name in names:
+            done += 1
             inputs = make()
             fn = lambda: providers[name](inputs)  # noqa: E731
             try:
@@ -172,13 +211,16 @@ def run(loss: str, cases, providers: dict, nbytes, args) -> list:
                 print(f"[{loss}] {case} {name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
             gbs = nbytes(inputs) / (med * 1e-3) / 1e9
+            print(f"[{loss} {done}/{total}] {case} / {name}: {med:.3f} ms", file=sys.stderr,
+                  flush=True)
             rows.append(dict(loss=loss, case=case, provider=name, median_ms=med, p20_ms=p20,
                              p80_ms=p80, gb_per_s=gbs, peak_mb=float("nan"),
                              device=device_name(device), date=datetime.date.today().isoformat(),
-                             **versions()))
+                             **machine(device), **versions()))
             del inputs
             gc.collect()
-    for r in rows:
+    for i, r in enumerate(rows):
+        print(f"[{loss}] peak memory {i + 1}/{len(rows)}", file=sys.stderr, flush=True)
         if device.type == "cpu":
             r["peak_mb"] = _peak_in_child(r["case"], r["provider"])
         else:
@@ -206,14 +248,22 @@ def print_table(rows) -> None:
 
 
 def save(loss: str, rows, device_type: str) -> None:
+    if not rows:
+        return
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, "results.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    old, fields = [], list(rows[0])
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old = list(reader)
+            # Columns added since older rows were written come last (empty in those rows).
+            fields = list(reader.fieldnames or []) + [k for k in fields
+                                                      if k not in (reader.fieldnames or [])]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(old + rows)
     with open(os.path.join(RESULTS, f"{loss}_{device_type}.json"), "w") as f:
         json.dump(rows, f, indent=1)
 

@@ -21,14 +21,12 @@ import fusedloss  # noqa: E402
 def main():
     args = _common.parse_args(__doc__)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        shapes = [((8192, 8192), torch.float32), ((8192, 8192), torch.bfloat16),
-                  ((64, 80, 128, 128), torch.bfloat16)]
-    else:
-        shapes = [((2048, 2048), torch.float32), ((2048, 2048), torch.bfloat16),
-                  ((16, 64, 64, 64), torch.float32)]
-    if args.quick:
-        shapes = [((256, 1024), torch.float32)]
+    f32, bf16 = torch.float32, torch.bfloat16
+    large = ([((8192, 8192), f32), ((8192, 8192), bf16), ((64, 80, 128, 128), bf16)]
+             if device.type == "cuda" else
+             [((2048, 2048), f32), ((2048, 2048), bf16), ((16, 64, 64, 64), f32)])
+    shapes = _common.pick(args, {"tiny": [((32, 10), f32)], "mid": [((256, 1000), f32)],
+                                 "large": large}, quick=[((256, 1024), f32)])
 
     def make(shape, dtype):
         def inputs():

@@ -22,13 +22,11 @@ import fusedloss  # noqa: E402
 def main():
     args = _common.parse_args(__doc__)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        shapes = [(8192, 32000, torch.bfloat16), (8192, 128256, torch.bfloat16),
-                  (8192, 128256, torch.float32), (4096, 262144, torch.bfloat16)]
-    else:
-        shapes = [(4096, 32000, torch.float32), (4096, 32000, torch.bfloat16)]
-    if args.quick:
-        shapes = [(256, 32000, torch.float32)]
+    f32, bf16 = torch.float32, torch.bfloat16
+    large = ([(8192, 32000, bf16), (8192, 128256, bf16), (8192, 128256, f32), (4096, 262144, bf16)]
+             if device.type == "cuda" else [(4096, 32000, f32), (4096, 32000, bf16)])
+    shapes = _common.pick(args, {"tiny": [(32, 10, f32)], "mid": [(256, 1000, f32)],
+                                 "large": large}, quick=[(256, 32000, f32)])
 
     def make(n, v, dtype):
         def inputs():

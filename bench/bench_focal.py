@@ -33,14 +33,19 @@ def eager_softmax_focal(logits, target, gamma: float = 2.0, ignore_index: int = 
 def main():
     args = _common.parse_args(__doc__)
     device = torch.device(args.device)
+    f32, bf16 = torch.float32, torch.bfloat16
     if device.type == "cuda":
-        sig_shapes = [(8, 24555, 80, torch.float32), (8, 24555, 80, torch.bfloat16)]
-        seg_shapes = [(16, 19, 512, 512, torch.float32), (16, 19, 512, 512, torch.bfloat16)]
+        sig_large = [(8, 24555, 80, f32), (8, 24555, 80, bf16)]
+        seg_large = [(16, 19, 512, 512, f32), (16, 19, 512, 512, bf16)]
     else:
-        sig_shapes = [(1, 200_000, 80, torch.float32), (1, 200_000, 80, torch.bfloat16)]
-        seg_shapes = [(8, 19, 128, 128, torch.float32)]
-    if args.quick:
-        sig_shapes, seg_shapes = [(1, 20_000, 80, torch.float32)], [(2, 19, 64, 64, torch.float32)]
+        sig_large = [(1, 200_000, 80, f32), (1, 200_000, 80, bf16)]
+        seg_large = [(8, 19, 128, 128, f32)]
+    # tiny and mid: a 32x10 and a 256x1000 batch (softmax: rows of an (N, C, 1, 1) input)
+    sig_shapes = _common.pick(args, {"tiny": [(1, 32, 10, f32)], "mid": [(1, 256, 1000, f32)],
+                                     "large": sig_large}, quick=[(1, 20_000, 80, f32)])
+    seg_shapes = _common.pick(args, {"tiny": [(32, 10, 1, 1, f32)],
+                                     "mid": [(256, 1000, 1, 1, f32)], "large": seg_large},
+                              quick=[(2, 19, 64, 64, f32)])
 
     def make_sig(b, a, c, dtype):
         def inputs():

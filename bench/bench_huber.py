@@ -21,12 +21,12 @@ import fusedloss  # noqa: E402
 def main():
     args = _common.parse_args(__doc__)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        sizes = [(1 << 26, torch.float32), (1 << 26, torch.bfloat16)]
-    else:
-        sizes = [(1 << 22, torch.float32), (1 << 22, torch.bfloat16)]
-    if args.quick:
-        sizes = [(1 << 18, torch.float32)]
+    f32, bf16 = torch.float32, torch.bfloat16
+    large = ([(1 << 26, f32), (1 << 26, bf16)] if device.type == "cuda"
+             else [(1 << 22, f32), (1 << 22, bf16)])
+    # tiny and mid: the element counts of a 32x10 and a 256x1000 batch
+    sizes = _common.pick(args, {"tiny": [(320, f32)], "mid": [(256000, f32)], "large": large},
+                         quick=[(1 << 18, f32)])
 
     def make(n, dtype):
         def inputs():
@@ -44,8 +44,9 @@ def main():
         for prov, fn in (("fusedloss", ours), ("torch", theirs), ("torch.compile", compiled)):
             providers[f"{name} {prov}"] = (
                 lambda fn, kw: lambda i: _common.fwd_bwd(lambda: fn(i[0], i[1], **kw), i[0]))(fn, kw)
-    cases = [(f"n=2^{n.bit_length() - 1} {str(dt).replace('torch.', '')}", make(n, dt))
-             for n, dt in sizes]
+    def label(n):
+        return f"n=2^{n.bit_length() - 1}" if n & (n - 1) == 0 else f"n={n}"
+    cases = [(f"{label(n)} {str(dt).replace('torch.', '')}", make(n, dt)) for n, dt in sizes]
     nbytes = lambda i: 3 * i[0].numel() * i[0].element_size()  # noqa: E731
     _common.run("huber", cases, providers, nbytes, args)
 

@@ -66,4 +66,14 @@ TORCH_LIBRARY(fusedloss, m) {
       "Tensor target, Tensor? weight, Tensor? grad_scale, int ignore_index, "
       "float label_smoothing, float z_loss, int block_rows, bool need_input, bool need_weight, "
       "bool need_bias) -> (Tensor loss, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Whole losses with their autograd in C++ (csrc/autograd.cpp): one op call per loss, for the
+  // per-call overhead of small batches. reduction 0/1/2 = none/mean/sum; the result in out_dtype.
+  m.def(
+      "cross_entropy(Tensor input, Tensor target, Tensor? weight, int reduction, "
+      "int ignore_index, float label_smoothing, float z_loss, ScalarType out_dtype) -> Tensor");
+  // kind 0: BCE-with-logits, 1: Huber (SmoothL1 if smooth_l1); input and target contiguous, of
+  // one shape and dtype.
+  m.def(
+      "elementwise_loss(int kind, Tensor input, Tensor target, float delta, bool smooth_l1, "
+      "int reduction, ScalarType out_dtype) -> Tensor");
 }

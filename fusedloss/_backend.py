@@ -181,6 +181,8 @@ def register_triton(op_name: str, launcher) -> None:
 def has_values(t: torch.Tensor) -> bool:
     """False for meta and fake tensors (FakeTensorMode outside torch.compile): shapes only, no
     values to read or check."""
+    if type(t) is torch.Tensor:  # the common case, without the import below (per-call cost)
+        return t.device.type != "meta"
     if t.device.type == "meta":
         return False
     if torch.compiler.is_compiling():

@@ -4,6 +4,7 @@ import torch
 from . import _backend
 
 REDUCTIONS = ("none", "mean", "sum")
+REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # the ops' int reduction argument
 
 
 class FusedLossValueError(ValueError, RuntimeError):
@@ -58,8 +59,14 @@ def check_index_target(input: torch.Tensor, target: torch.Tensor, alternative: s
     if target.dtype not in (torch.int64, torch.uint8):
         raise FusedLossTypeError(f"target must hold int64 (or uint8) class indices{alternative}, "
                                  f"got {target.dtype}")
-    expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
-    if target.shape != expected:
+    shape, tshape = input.shape, target.shape
+    # (compared piecewise: building the expected torch.Size costs more than a small loss)
+    if len(shape) == 1:
+        ok = len(tshape) == 0
+    else:
+        ok = len(tshape) == len(shape) - 1 and tshape[0] == shape[0] and tshape[1:] == shape[2:]
+    if not ok:
+        expected = shape[:1] + shape[2:] if len(shape) > 1 else torch.Size([])
         raise FusedLossValueError(f"target must have shape {tuple(expected)} for input of shape "
                                   f"{tuple(input.shape)}, got {tuple(target.shape)}")
 

@@ -11,10 +11,8 @@ reduced in fp32); backward re-reads the inputs and returns the gradients with gr
 import torch
 
 from . import _backend
-from ._common import FusedLossValueError
+from ._common import REDUCTION_CODE, FusedLossValueError
 from .reference import acc_dtype
-
-REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 
 # kind -> (fwd, bwd), filled by bce.py / huber.py, with backend = _backend.backend_for(x):
 #   fwd(backend, x, y, w, pw, params, reduction) -> loss
@@ -59,6 +57,8 @@ def fake_bwd(input, grad_input, grad_target):
 
 
 def broadcast_shape(name_a, a, name_b, b):
+    if a.shape == b.shape:  # torch.broadcast_shapes costs more than a small loss itself
+        return a.shape
     try:
         return torch.broadcast_shapes(a.shape, b.shape)
     except RuntimeError:
@@ -122,3 +122,32 @@ class ElementwiseLoss(torch.autograd.Function):
                 g = g if g.shape == shape else g.sum_to_size(shape)
             grads.append(g if need else None)
         return (None, None, None, None, grads[0], grads[1], None, None)
+
+
+if _backend.HAS_CPP:
+
+    @torch.library.register_fake("fusedloss::elementwise_loss")
+    def _whole_fake(kind, input, target, delta, smooth_l1, reduction, out_dtype):
+        return input.new_empty(input.shape if reduction == 0 else (), dtype=out_dtype)
+
+
+# Kinds that have a whole-loss op with its autograd in C++ (csrc/autograd.cpp), and the
+# params -> (delta, smooth_l1) of that op.
+_WHOLE = {"bce": (0, lambda p: (0.0, False)), "huber": (1, lambda p: (float(p[0]), bool(p[1])))}
+
+
+def apply(kind, params, reduction, out_dtype, input, target, weight, pos_weight):
+    """ElementwiseLoss.apply, or for the common case (input and target of one shape and dtype,
+    contiguous, no weights, on the registered op) one call of fusedloss::elementwise_loss, which
+    runs the kernels and the autograd in C++: a small batch's time is per-call overhead."""
+    whole = _WHOLE.get(kind)
+    if (whole is not None and weight is None and pos_weight is None
+            and input.shape == target.shape and input.dtype == target.dtype
+            and input.is_contiguous() and target.is_contiguous()
+            and not (reduction == "none" and out_dtype != input.dtype)
+            and _backend.backend_for(input) == "op"):
+        code, op_params = whole
+        return torch.ops.fusedloss.elementwise_loss.default(
+            code, input, target, *op_params(params), REDUCTION_CODE[reduction], out_dtype)
+    return ElementwiseLoss.apply(kind, params, reduction, out_dtype, input, target, weight,
+                                 pos_weight)

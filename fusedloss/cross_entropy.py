@@ -8,9 +8,9 @@ Probability targets take a plain-PyTorch path (fp32 math).
 import torch
 
 from . import _backend
-from ._common import (FusedLossValueError, amp_dtype, check_class_targets_for, check_index_target,
-                      check_same_device, check_tensor, class_count, class_weight_sum, reduce_loss,
-                      resolve_reduction)
+from ._common import (REDUCTION_CODE, FusedLossValueError, amp_dtype, check_class_targets_for,
+                      check_index_target, check_same_device, check_tensor, class_count,
+                      class_weight_sum, reduce_loss, resolve_reduction)
 from .reference import acc_dtype
 
 _FN = "fusedloss.cross_entropy"
@@ -36,6 +36,13 @@ if _backend.HAS_CPP:
     def _bwd_inplace_fake(grad_scale, logits, target, lse, weight, ignore_index, label_smoothing,
                           z_loss):
         return None
+
+    @torch.library.register_fake("fusedloss::cross_entropy")
+    def _whole_fake(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
+                    out_dtype):
+        return input.new_empty(target.shape if reduction == 0 else (), dtype=out_dtype)
+
+    _whole_op = torch.ops.fusedloss.cross_entropy.default
 
     if _tk is not None:
         for _name in ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace"):
@@ -172,5 +179,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         raise FusedLossValueError(
             "inplace_backward=True overwrites input with its gradient, which cannot "
             "be done to a leaf tensor that requires grad")
+    backend = _backend.backend_for(input)
+    if backend == "op" and not inplace_backward:
+        # One op call: the kernels, the reduction and the autograd in C++ (csrc/autograd.cpp).
+        check_class_targets_for(_FN, backend, input, target, n_classes, ignore_index)
+        return _whole_op(input, target, weight, REDUCTION_CODE[reduction], int(ignore_index),
+                         float(label_smoothing), float(z_loss), amp_dtype(input))
     return _CrossEntropy.apply(input, target, weight, int(ignore_index), float(label_smoothing),
                                float(z_loss), reduction, bool(inplace_backward))

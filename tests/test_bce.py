@@ -239,6 +239,22 @@ def test_opcheck():
                 opcheck(torch.ops.fusedloss.bce_bwd.default, (*gargs, red, gi, gt))
 
 
+def test_opcheck_whole_loss():
+    """fusedloss::elementwise_loss (the one-call op with its autograd in C++): BCE (kind 0) and
+    Huber / SmoothL1 (kind 1), every reduction, fp64 (gradcheck) and bf16 with an fp32 result."""
+    for dtype, out in [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)]:
+        x, y = make((3, 4, 5), dtype, "cpu")
+        x.requires_grad_(True)
+        y = y.clone().requires_grad_(True)
+        for red in (0, 1, 2):
+            if red == 0 and out != dtype:
+                continue  # (the functional takes the general path there)
+            for kind, delta, smooth in [(0, 0.0, False), (1, 0.7, False), (1, 0.7, True),
+                                        (1, 0.0, True)]:
+                opcheck(torch.ops.fusedloss.elementwise_loss.default,
+                        (kind, x, y, delta, smooth, red, out))
+
+
 def test_retain_graph(backend):
     """Backward re-reads the inputs: any number of backward calls through one graph."""
     x, y = make((4, 5), torch.float32, backend.device)

@@ -307,6 +307,37 @@ def test_opcheck():
                     (scale, xx.clone(), t, lse, ww, -100, eps, z))
 
 
+def test_opcheck_whole_loss():
+    """fusedloss::cross_entropy (the one-call op with its autograd in C++) for every reduction,
+    weights, smoothing, z-loss, fp64 (gradcheck) and bf16 under an fp32 out_dtype (autocast)."""
+    t = torch.randint(0, 13, (5, 2))
+    t[1, 0] = -100
+    w = torch.rand(13, dtype=torch.float64)
+    for dtype, out in [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)]:
+        x = randn(5, 13, 2, dtype=dtype).requires_grad_(True)
+        for red in (0, 1, 2):
+            for ww, eps, z in [(None, 0.0, 0.0), (w, 0.1, 1e-3)]:
+                opcheck(torch.ops.fusedloss.cross_entropy.default,
+                        (x, t, ww, red, -100, eps, z, out))
+
+
+def test_whole_loss_op_is_the_cpu_path(monkeypatch):
+    """On the C++ backend cross_entropy is one call of fusedloss::cross_entropy, and its
+    backward matches the float64 reference (so a regression to the Python path is visible)."""
+    monkeypatch.setattr(fusedloss._backend, "_ENV", "cpp")
+    calls = []
+    op = fusedloss.cross_entropy._whole_op
+    monkeypatch.setattr(fusedloss.cross_entropy, "_whole_op",
+                        lambda *a: calls.append(a) or op(*a))
+    x = randn(6, 5)
+    t = torch.tensor([0, 4, -100, 2, 3, 1])
+    w = torch.rand(5)
+    for red in ("mean", "sum", "none"):
+        check(x, t, weight=w, reduction=red, label_smoothing=0.1,
+              grad_out=torch.rand(6) if red == "none" else None)
+    assert len(calls) == 3
+
+
 def test_compile_fullgraph():
     torch._dynamo.reset()
     lin = torch.nn.Linear(16, 300)
