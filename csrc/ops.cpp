@@ -56,4 +56,11 @@ TORCH_LIBRARY(fusedloss, m) {
       "huber_bwd(Tensor grad_out, Tensor input, Tensor target, Tensor? weight, float delta, "
       "bool smooth_l1, int reduction, bool grad_input, bool grad_target) "
       "-> (Tensor grad_input, Tensor grad_target)");
+  // KL divergence (torch's kl_div), element-wise as bce / huber above: input log-probabilities,
+  // target probabilities (log-probabilities if log_target); reduction 0/1/2 = none/mean/sum
+  // ('batchmean' is sum / input.size(0), divided in Python).
+  m.def("kl_div_fwd(Tensor input, Tensor target, bool log_target, int reduction) -> Tensor");
+  m.def(
+      "kl_div_bwd(Tensor grad_out, Tensor input, Tensor target, bool log_target, int reduction, "
+      "bool grad_input, bool grad_target) -> (Tensor grad_input, Tensor grad_target)");
 }

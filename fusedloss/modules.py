@@ -125,3 +125,21 @@ class SmoothL1Loss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, beta={self.beta}"
+
+
+class KLDivLoss(nn.Module):
+    """Drop-in for torch.nn.KLDivLoss (input log-probabilities; reduction 'batchmean' is the KL
+    divergence per sample; 'mean' warns as torch's)."""
+
+    def __init__(self, size_average=None, reduce=None, reduction="mean", log_target=False):
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = resolve_reduction("mean", size_average, reduce)
+        self.reduction = reduction
+        self.log_target = log_target
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, log_target={self.log_target}"

@@ -223,3 +223,31 @@ def stable_nll(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     d = x - x.gather(1, target[:, None])
     d = d.masked_fill(torch.nn.functional.one_hot(target, x.shape[1]).bool(), float("-inf"))
     return torch.log1p(torch.exp(d).sum(1))
+
+
+def _kl_div_terms(input, target, log_target):
+    """torch's kl_div terms, except that a zero target contributes 0 where torch's 0 * inf is
+    NaN (csrc/kl_div.cpp)."""
+    acc = acc_dtype(input.dtype)
+    x, y = input.to(acc), target.to(acc)
+    if log_target:
+        e = torch.exp(y)
+        zero = y == float("-inf")
+        loss = torch.where(zero, 0.0, e * (y - x))
+        return loss, -e, torch.where(zero, 0.0, e * (y - x + 1))
+    yx = torch.where((y == 0) & (x == float("-inf")), 0.0, y * x)
+    loss = torch.xlogy(y, y) - yx
+    gy = torch.where(y == 0, float("nan"), torch.log(y) + 1 - x)
+    return loss, -y, gy
+
+
+def kl_div_fwd(input, target, log_target, reduction):
+    """Reference for fusedloss::kl_div_fwd."""
+    loss, gx, gy = _kl_div_terms(input, target, log_target)
+    return _elementwise_result(input, loss, gx, gy, None, reduction, False, False)
+
+
+def kl_div_bwd(grad_out, input, target, log_target, reduction, grad_input, grad_target):
+    """Reference for fusedloss::kl_div_bwd."""
+    loss, gx, gy = _kl_div_terms(input, target, log_target)
+    return _elementwise_result(input, loss, gx, gy, grad_out, reduction, grad_input, grad_target)

@@ -105,6 +105,13 @@ if hasattr(F, "sigmoid_focal_loss"):
             for kw in [{}, dict(gamma=0.5, alpha=torch.rand(5)), dict(gamma=0.0, reduction="none"),
                        dict(alpha=0.25, reduction="sum")]:
                 grad_of(lambda x: F.softmax_focal_loss(x, t, **kw), x)
+if hasattr(F, "kl_div"):
+    for dt in each():
+        x = torch.randn(6, 5, dtype=dt); y = torch.rand(6, 5, dtype=dt)
+        for kw in [dict(reduction="batchmean"), dict(reduction="none", log_target=True),
+                   dict(reduction="sum"), dict(reduction="mean", log_target=True)]:
+            grad_of(lambda x, y: F.kl_div(x, y, **kw), x, y)
+            grad_of(lambda x: F.kl_div(x, y, **kw), x)
 print("COMPILED", len(seen), sorted(set(seen.values())))
 """
 
