@@ -63,4 +63,20 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "kl_div_bwd(Tensor grad_out, Tensor input, Tensor target, bool log_target, int reduction, "
       "bool grad_input, bool grad_target) -> (Tensor grad_input, Tensor grad_target)");
+  // Distillation from logits: student and teacher [rows, V] (any strides, one dtype), target
+  // None or [rows] int64. beta 0: KL(teacher || student), 1: KL(student || teacher), else the
+  // generalised JSD; times temperature^2, plus hard_weight * cross-entropy(student, target).
+  // Forward: per-row loss and statistics [rows, 5] (acc dtype). Backward: d(loss_row)/d(student)
+  // * grad_scale (acc dtype, a scalar or one per row), into a new tensor or over the student.
+  m.def(
+      "distill_fwd(Tensor student, Tensor teacher, Tensor? target, float temperature, "
+      "float beta, int ignore_index, float hard_weight) -> (Tensor loss, Tensor stats)");
+  m.def(
+      "distill_bwd(Tensor grad_scale, Tensor student, Tensor teacher, Tensor? target, "
+      "Tensor stats, float temperature, float beta, int ignore_index, float hard_weight) "
+      "-> Tensor");
+  m.def(
+      "distill_bwd_inplace(Tensor grad_scale, Tensor(a!) student, Tensor teacher, "
+      "Tensor? target, Tensor stats, float temperature, float beta, int ignore_index, "
+      "float hard_weight) -> ()");
 }

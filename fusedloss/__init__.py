@@ -8,7 +8,7 @@ from . import _backend, functional, reference, training  # noqa: F401  (_backend
 from .distributed import VocabParallelCrossEntropyLoss
 from .modules import (BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, SigmoidFocalLoss,
                       SmoothL1Loss, SoftmaxFocalLoss)
-from .modules import KLDivLoss
+from .modules import DistillationLoss, KLDivLoss
 from .training import TrainStep
 
 __version__ = "0.1.0"
@@ -17,5 +17,5 @@ __all__ = [
     "functional", "reference", "training",
     "CrossEntropyLoss", "BCEWithLogitsLoss", "HuberLoss", "SmoothL1Loss",
     "SigmoidFocalLoss", "SoftmaxFocalLoss", "VocabParallelCrossEntropyLoss", "TrainStep",
-    "KLDivLoss",
+    "KLDivLoss", "DistillationLoss",
 ]
