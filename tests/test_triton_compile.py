@@ -112,6 +112,16 @@ if hasattr(F, "kl_div"):
                    dict(reduction="sum"), dict(reduction="mean", log_target=True)]:
             grad_of(lambda x, y: F.kl_div(x, y, **kw), x, y)
             grad_of(lambda x: F.kl_div(x, y, **kw), x)
+if hasattr(F, "distillation_loss"):
+    for dt in each():
+        s = torch.randn(4, 3, 7, dtype=dt); t = torch.randn(4, 3, 7, dtype=dt)
+        tg = torch.randint(0, 7, (4, 3))
+        for beta in (0.0, 1.0, 0.5):
+            for kw in [dict(), dict(target=tg, hard_weight=0.5, temperature=2.0),
+                       dict(target=tg, reduction="none")]:
+                grad_of(lambda s: F.distillation_loss(s, t, beta=beta, **kw), s)
+            sv = s.detach().clone().requires_grad_(True) * 1.0
+            F.distillation_loss(sv, t, tg, beta=beta, inplace_backward=True).backward()
 print("COMPILED", len(seen), sorted(set(seen.values())))
 """
 
