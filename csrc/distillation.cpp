@@ -45,15 +45,25 @@ FL_ALWAYS_INLINE T log_mix(T lp, T lq, const KdConst<T>& k) {
   return std::max(u, v) + fast_log1p(fast_exp(-std::abs(u - v)));
 }
 
-// dD/da_j from a_j, b_j and the row's lse_a, lse_b, K.
-template <typename T>
+// dD/da_j from a_j, b_j and the row's lse_a, lse_b, K (the mode a template argument, so that
+// the loops below vectorise without a branch inside).
+template <int kMode, typename T>
 FL_ALWAYS_INLINE T kd_dda(T a, T b, T lse_a, T lse_b, T K, const KdConst<T>& k) {
   const T lq = a - lse_a;
   const T q = fast_exp(lq);
   const T lp = b - lse_b;
-  if (k.mode == kForwardKL) return q - fast_exp(lp);
-  const T lm = k.mode == kReverseKL ? lp : log_mix(lp, lq, k);
+  if constexpr (kMode == kForwardKL) return q - fast_exp(lp);
+  T lm = lp;
+  if constexpr (kMode == kJsd) lm = log_mix(lp, lq, k);
   return q > 0 ? k.c * q * (lq - lm - K) : T(0);
+}
+template <typename T>
+FL_ALWAYS_INLINE T kd_dda_any(T a, T b, T lse_a, T lse_b, T K, const KdConst<T>& k) {
+  switch (k.mode) {
+    case kForwardKL: return kd_dda<kForwardKL>(a, b, lse_a, lse_b, K, k);
+    case kReverseKL: return kd_dda<kReverseKL>(a, b, lse_a, lse_b, K, k);
+    default: return kd_dda<kJsd>(a, b, lse_a, lse_b, K, k);
+  }
 }
 
 // Forward read of one block of raw logits s, t (acc type): adds exp(a - sh_a), exp(b - sh_b) and
@@ -106,22 +116,31 @@ FL_ALWAYS_INLINE void kd_jsd_impl(const T* s, const T* t, int64_t n, T lse_a, T 
 }
 
 // Backward: g_j = scale (T dD/da_j + h exp(s_j - lse_s)) (the target column is fixed afterwards).
-template <typename T>
-FL_ALWAYS_INLINE void kd_grad_impl(const T* s, const T* t, int64_t n, const T* st,
+template <int kMode, bool kHard, typename T>
+FL_ALWAYS_INLINE void kd_grad_loop(const T* s, const T* t, int64_t n, const T* st,
                                    const KdConst<T>& k, T scale, T* g) {
   const T lse_a = st[0], lse_b = st[1], K = st[2], lse_s = st[3];
   const T kt = k.t * scale, kh = k.hw * scale;
-  if (k.hw != 0) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      g[i] = kt * kd_dda(s[i] * k.inv_t, t[i] * k.inv_t, lse_a, lse_b, K, k) +
-             kh * fast_exp(s[i] - lse_s);
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      g[i] = kt * kd_dda(s[i] * k.inv_t, t[i] * k.inv_t, lse_a, lse_b, K, k);
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    T v = kt * kd_dda<kMode>(s[i] * k.inv_t, t[i] * k.inv_t, lse_a, lse_b, K, k);
+    if constexpr (kHard) v += kh * fast_exp(s[i] - lse_s);
+    g[i] = v;
+  }
+}
+template <int kMode, typename T>
+FL_ALWAYS_INLINE void kd_grad_hard(const T* s, const T* t, int64_t n, const T* st,
+                                   const KdConst<T>& k, T scale, T* g) {
+  if (k.hw != 0) return kd_grad_loop<kMode, true>(s, t, n, st, k, scale, g);
+  kd_grad_loop<kMode, false>(s, t, n, st, k, scale, g);
+}
+template <typename T>
+FL_ALWAYS_INLINE void kd_grad_impl(const T* s, const T* t, int64_t n, const T* st,
+                                   const KdConst<T>& k, T scale, T* g) {
+  switch (k.mode) {
+    case kForwardKL: return kd_grad_hard<kForwardKL>(s, t, n, st, k, scale, g);
+    case kReverseKL: return kd_grad_hard<kReverseKL>(s, t, n, st, k, scale, g);
+    default: return kd_grad_hard<kJsd>(s, t, n, st, k, scale, g);
   }
 }
 
@@ -336,7 +355,7 @@ void distill_backward(const at::Tensor& grad_scale, const at::Tensor& student,
         }
         if (k.hw != 0) {
           // h (p_y - 1) = -h (1 - p_y), with 1 - p_y from forward (no cancellation)
-          const acc_t d = kd_dda(s_y * k.inv_t, t_y * k.inv_t, st[0], st[1], st[2], k);
+          const acc_t d = kd_dda_any(s_y * k.inv_t, t_y * k.inv_t, st[0], st[1], st[2], k);
           gr[y * gC] = static_cast<scalar_t>(scale * (k.t * d - k.hw * st[4]));
         }
       }
