@@ -85,11 +85,11 @@ def test_modes(backend, beta, reduction):
     s, t = logits(3, 4, 37, device=d), logits(3, 4, 37, device=d, seed=1)
     target = torch.randint(0, 37, (3, 4), device=d)
     target[0, 1] = target[2, 3] = -100
-    for temperature in [1.0, 2.0, 0.5]:
+    check(s, t, target, beta=beta, reduction=reduction)
+    for temperature in [2.0, 0.5]:
         check(s, t, temperature=temperature, beta=beta, reduction=reduction)
-        for hard_weight in [0.0, 0.7]:
-            check(s, t, target, temperature=temperature, beta=beta, reduction=reduction,
-                  hard_weight=hard_weight)
+        check(s, t, target, temperature=temperature, beta=beta, reduction=reduction,
+              hard_weight=0.7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -271,10 +271,10 @@ def test_bad_input(backend, kwargs, exc, match):
 @pytest.mark.parametrize("beta, reduction", [(0.0, "batchmean"), (1.0, "none"), (0.3, "none")])
 def test_gradcheck(backend, beta, reduction):
     d = backend.device
-    s = logits(3, 2, 6, dtype=torch.float64, device=d).requires_grad_(True)
-    t = logits(3, 2, 6, dtype=torch.float64, device=d, seed=1)
-    target = torch.randint(0, 6, (3, 2), device=d)
-    target[0, 0] = -100
+    s = logits(3, 5, dtype=torch.float64, device=d).requires_grad_(True)
+    t = logits(3, 5, dtype=torch.float64, device=d, seed=1)
+    target = torch.randint(0, 5, (3,), device=d)
+    target[0] = -100
     assert torch.autograd.gradcheck(
         lambda s: distillation_loss(s, t, target, temperature=1.7, beta=beta, hard_weight=0.6,
                                     reduction=reduction), (s,))
