@@ -74,7 +74,8 @@ def main():
                 "batchmean", True) * (T * T), i[0])
         except ImportError:
             pass
-    cases = [(f"N={n} V={v} {str(dt).replace('torch.', '')}", make(n, v, dt)) for n, v, dt in shapes]
+    cases = [(f"N={n} V={v} {str(dt).replace('torch.', '')}", make(n, v, dt))
+             for n, v, dt in shapes]
     nbytes = lambda i: 5 * i[0].numel() * i[0].element_size()  # noqa: E731
     _common.run("distillation", cases, providers, nbytes, args)
 
