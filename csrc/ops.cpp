@@ -76,4 +76,27 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "elementwise_loss(int kind, Tensor input, Tensor target, float delta, bool smooth_l1, "
       "int reduction, ScalarType out_dtype) -> Tensor");
+  // KL divergence (torch's kl_div), element-wise as bce / huber above: input log-probabilities,
+  // target probabilities (log-probabilities if log_target); reduction 0/1/2 = none/mean/sum
+  // ('batchmean' is sum / input.size(0), divided in Python).
+  m.def("kl_div_fwd(Tensor input, Tensor target, bool log_target, int reduction) -> Tensor");
+  m.def(
+      "kl_div_bwd(Tensor grad_out, Tensor input, Tensor target, bool log_target, int reduction, "
+      "bool grad_input, bool grad_target) -> (Tensor grad_input, Tensor grad_target)");
+  // Distillation from logits: student and teacher [rows, V] (any strides, one dtype), target
+  // None or [rows] int64. beta 0: KL(teacher || student), 1: KL(student || teacher), else the
+  // generalised JSD; times temperature^2, plus hard_weight * cross-entropy(student, target).
+  // Forward: per-row loss and statistics [rows, 5] (acc dtype). Backward: d(loss_row)/d(student)
+  // * grad_scale (acc dtype, a scalar or one per row), into a new tensor or over the student.
+  m.def(
+      "distill_fwd(Tensor student, Tensor teacher, Tensor? target, float temperature, "
+      "float beta, int ignore_index, float hard_weight) -> (Tensor loss, Tensor stats)");
+  m.def(
+      "distill_bwd(Tensor grad_scale, Tensor student, Tensor teacher, Tensor? target, "
+      "Tensor stats, float temperature, float beta, int ignore_index, float hard_weight) "
+      "-> Tensor");
+  m.def(
+      "distill_bwd_inplace(Tensor grad_scale, Tensor(a!) student, Tensor teacher, "
+      "Tensor? target, Tensor stats, float temperature, float beta, int ignore_index, "
+      "float hard_weight) -> ()");
 }

@@ -13,6 +13,7 @@ from ._backend import backends, use_backend  # noqa: E402
 from .distributed import VocabParallelCrossEntropyLoss
 from .modules import (BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, SigmoidFocalLoss,
                       SmoothL1Loss, SoftmaxFocalLoss)
+from .modules import DistillationLoss, KLDivLoss
 from .training import TrainStep
 from .linear_cross_entropy import LinearCrossEntropy, LinearCrossEntropyLoss  # noqa: E402
 
@@ -24,4 +25,5 @@ __all__ = [
     "SigmoidFocalLoss", "SoftmaxFocalLoss", "VocabParallelCrossEntropyLoss", "TrainStep",
     "backends", "use_backend",
     "LinearCrossEntropy", "LinearCrossEntropyLoss",
+    "KLDivLoss", "DistillationLoss",
 ]

@@ -127,4 +127,54 @@ class SmoothL1Loss(nn.Module):
         return f"reduction={self.reduction!r}, beta={self.beta}"
 
 
+class KLDivLoss(nn.Module):
+    """Drop-in for torch.nn.KLDivLoss (input log-probabilities; reduction 'batchmean' is the KL
+    divergence per sample; 'mean' warns as torch's)."""
+
+    def __init__(self, size_average=None, reduce=None, reduction="mean", log_target=False):
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = resolve_reduction("mean", size_average, reduce)
+        self.reduction = reduction
+        self.log_target = log_target
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, log_target={self.log_target}"
+
+
+class DistillationLoss(nn.Module):
+    """Module form of fusedloss.functional.distillation_loss: holds temperature, beta,
+    hard_weight, ignore_index, reduction and inplace_backward; called as
+    loss_fn(student_logits, teacher_logits, target=None)."""
+
+    def __init__(self, temperature=1.0, beta=0.0, ignore_index=-100, reduction="batchmean",
+                 hard_weight=0.0, *, inplace_backward=False):
+        super().__init__()
+        self.temperature = temperature
+        self.beta = beta
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.hard_weight = hard_weight
+        self.inplace_backward = inplace_backward
+
+    def forward(self, student_logits, teacher_logits, target=None):
+        return F.distillation_loss(student_logits, teacher_logits, target,
+                                   temperature=self.temperature, beta=self.beta,
+                                   ignore_index=self.ignore_index, reduction=self.reduction,
+                                   hard_weight=self.hard_weight,
+                                   inplace_backward=self.inplace_backward)
+
+    def extra_repr(self) -> str:
+        s = (f"temperature={self.temperature}, beta={self.beta}, "
+             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+        if self.hard_weight:
+            s += f", hard_weight={self.hard_weight}"
+        if self.inplace_backward:
+            s += ", inplace_backward=True"
+        return s
+
+
 from .linear_cross_entropy import LinearCrossEntropy, LinearCrossEntropyLoss  # noqa: E402,F401

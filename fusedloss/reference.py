@@ -5,6 +5,8 @@ ordinary tensor ops in the accumulation dtype (fp32, or fp64 for fp64 inputs). T
 kernels against these (and against torch itself) in float64; they are also the last-resort backend
 when the C++ extension is not built.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -223,3 +225,111 @@ def stable_nll(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     d = x - x.gather(1, target[:, None])
     d = d.masked_fill(torch.nn.functional.one_hot(target, x.shape[1]).bool(), float("-inf"))
     return torch.log1p(torch.exp(d).sum(1))
+
+
+def _kl_div_terms(input, target, log_target):
+    """torch's kl_div terms, except that a zero target contributes 0 where torch's 0 * inf is
+    NaN (csrc/kl_div.cpp)."""
+    acc = acc_dtype(input.dtype)
+    x, y = input.to(acc), target.to(acc)
+    if log_target:
+        e = torch.exp(y)
+        zero = y == float("-inf")
+        loss = torch.where(zero, 0.0, e * (y - x))
+        return loss, -e, torch.where(zero, 0.0, e * (y - x + 1))
+    yx = torch.where((y == 0) & (x == float("-inf")), 0.0, y * x)
+    loss = torch.xlogy(y, y) - yx
+    gy = torch.where(y == 0, float("nan"), torch.log(y) + 1 - x)
+    return loss, -y, gy
+
+
+def kl_div_fwd(input, target, log_target, reduction):
+    """Reference for fusedloss::kl_div_fwd."""
+    loss, gx, gy = _kl_div_terms(input, target, log_target)
+    return _elementwise_result(input, loss, gx, gy, None, reduction, False, False)
+
+
+def kl_div_bwd(grad_out, input, target, log_target, reduction, grad_input, grad_target):
+    """Reference for fusedloss::kl_div_bwd."""
+    loss, gx, gy = _kl_div_terms(input, target, log_target)
+    return _elementwise_result(input, loss, gx, gy, grad_out, reduction, grad_input, grad_target)
+
+
+# Distillation (fusedloss::distill_fwd / distill_bwd): formulas in csrc/distillation.cpp.
+def _distill_terms(student, teacher, temperature, beta):
+    """Rows of a = s / T, b = t / T in the acc dtype: (lq, lp, q, p, lse_a, lse_b, log m)."""
+    acc = acc_dtype(student.dtype)
+    a, b = student.to(acc) / temperature, teacher.to(acc) / temperature
+    lse_a, lse_b = torch.logsumexp(a, 1), torch.logsumexp(b, 1)
+    lq, lp = a - lse_a[:, None], b - lse_b[:, None]
+    lm = None
+    if 0 < beta < 1:
+        lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+    return lq, lp, lq.exp(), lp.exp(), lse_a, lse_b, lm
+
+
+def _xlog(p, d):
+    """p * d with 0 where p == 0 (d may be infinite there)."""
+    return torch.where(p > 0, p * d, 0.0)
+
+
+def _distill_valid(student, target, ignore_index):
+    R, C = student.shape
+    if target is None:
+        return torch.ones(R, dtype=torch.bool, device=student.device), None
+    valid = (target != ignore_index) & (target >= 0) & (target < C)
+    return valid, torch.where(valid, target, 0)
+
+
+def distill_fwd(student, teacher, target, temperature, beta, ignore_index, hard_weight):
+    """Reference for fusedloss::distill_fwd: per-row (loss, stats [rows, 5]) in the acc dtype."""
+    lq, lp, q, p, lse_a, lse_b, lm = _distill_terms(student, teacher, temperature, beta)
+    k = torch.zeros_like(lse_a)
+    if beta == 0:
+        div = _xlog(p, lp - lq).sum(1)
+    elif beta == 1:
+        div = k = _xlog(q, lq - lp).sum(1)
+    else:
+        k = _xlog(q, lq - lm).sum(1)
+        div = beta * _xlog(p, lp - lm).sum(1) + (1 - beta) * k
+    loss = temperature ** 2 * div
+    valid, y = _distill_valid(student, target, ignore_index)
+    lse_s = torch.zeros_like(lse_a)
+    q_ce = torch.zeros_like(lse_a)
+    if hard_weight:
+        x = student.to(lse_a.dtype)
+        lse_s = torch.logsumexp(x, 1)
+        lp_y = x.gather(1, y[:, None])[:, 0] - lse_s
+        loss = loss + hard_weight * -lp_y
+        q_ce = -torch.expm1(lp_y)
+    stats = torch.stack([lse_a, lse_b, k, lse_s, q_ce], 1)
+    return torch.where(valid, loss, 0.0), torch.where(valid[:, None], stats, 0.0)
+
+
+def distill_bwd(grad_scale, student, teacher, target, stats, temperature, beta, ignore_index,
+                hard_weight, grad=None):
+    """Reference for fusedloss::distill_bwd: d(loss_row)/d(student) * grad_scale."""
+    lq, lp, q, p, lse_a, lse_b, lm = _distill_terms(student, teacher, temperature, beta)
+    k = stats[:, 2:3]
+    if beta == 0:
+        d = q - p
+    elif beta == 1:
+        d = _xlog(q, lq - lp - k)
+    else:
+        d = (1 - beta) * _xlog(q, lq - lm - k)
+    g = temperature * d
+    valid, y = _distill_valid(student, target, ignore_index)
+    if hard_weight:
+        x = student.to(g.dtype)
+        g = g + hard_weight * torch.softmax(x, 1)
+        g.scatter_add_(1, y[:, None], torch.full_like(g[:, :1], -hard_weight))
+    g = torch.where(valid[:, None], g * grad_scale.reshape(-1, 1).to(g.dtype), 0.0)
+    if grad is None:
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    return grad.copy_(g)
+
+
+def distill_bwd_inplace(grad_scale, student, teacher, target, stats, temperature, beta,
+                        ignore_index, hard_weight):
+    distill_bwd(grad_scale, student, teacher, target, stats, temperature, beta, ignore_index,
+                hard_weight, grad=student)

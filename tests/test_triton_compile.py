@@ -136,6 +136,24 @@ if hasattr(F, "linear_cross_entropy"):  # launches the cross-entropy kernels on 
                    dict(reduction="sum", label_smoothing=0.1)]:
             grad_of(lambda x, W, b: F.linear_cross_entropy(x, W, t, linear_bias=b, **kw), x, W, b)
 
+if hasattr(F, "kl_div"):
+    for dt in each():
+        x = torch.randn(6, 5, dtype=dt); y = torch.rand(6, 5, dtype=dt)
+        for kw in [dict(reduction="batchmean"), dict(reduction="none", log_target=True),
+                   dict(reduction="sum"), dict(reduction="mean", log_target=True)]:
+            grad_of(lambda x, y: F.kl_div(x, y, **kw), x, y)
+            grad_of(lambda x: F.kl_div(x, y, **kw), x)
+if hasattr(F, "distillation_loss"):
+    for dt in each():
+        s = torch.randn(4, 3, 7, dtype=dt); t = torch.randn(4, 3, 7, dtype=dt)
+        tg = torch.randint(0, 7, (4, 3))
+        for beta in (0.0, 1.0, 0.5):
+            for kw in [dict(), dict(target=tg, hard_weight=0.5, temperature=2.0),
+                       dict(target=tg, reduction="none")]:
+                grad_of(lambda s: F.distillation_loss(s, t, beta=beta, **kw), s)
+            sv = s.detach().clone().requires_grad_(True) * 1.0
+            F.distillation_loss(sv, t, tg, beta=beta, inplace_backward=True).backward()
+
 if problems:
     print("\n".join(sorted(problems)))
     sys.exit(1)
