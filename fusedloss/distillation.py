@@ -13,7 +13,8 @@ import numbers
 import torch
 
 from . import _backend
-from ._common import (check_class_targets_for, check_same_device, check_tensor, reduce_loss)
+from ._common import (FusedLossTypeError, FusedLossValueError, amp_dtype,
+                      check_class_targets_for, check_same_device, check_tensor, reduce_loss)
 from .reference import acc_dtype
 
 _FN = "fusedloss.distillation_loss"
@@ -47,8 +48,8 @@ if _backend.HAS_CPP:
             _backend.register_triton(_name, getattr(_tk, _name))
 
 
-def _impl(name, t):
-    return _backend.impl(_backend.backend_for(t), _tk, name)
+def _impl(name, backend):
+    return _backend.impl(backend, _tk, name)
 
 
 class _Distill(torch.autograd.Function):
@@ -63,7 +64,8 @@ class _Distill(torch.autograd.Function):
         if t is not None:
             check_class_targets_for(_FN, _backend.backend_for(s2), s2, t, V, ignore_index)
         opts = (temperature, beta, ignore_index, hard_weight)
-        loss, stats = _impl("distill_fwd", s2)(s2, t2, t, *opts)
+        ctx.backend = _backend.backend_for(s2)  # backward runs where forward ran (use_backend)
+        loss, stats = _impl("distill_fwd", ctx.backend)(s2, t2, t, *opts)
         denom = None
         if reduction in ("batchmean", "mean"):
             # non-ignored rows (times V for 'mean'), a device tensor: no host sync
@@ -77,7 +79,7 @@ class _Distill(torch.autograd.Function):
         ctx.opts = opts
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(student, t2, t, stats, denom)
-        return out.to(student.dtype)
+        return out.to(amp_dtype(student))  # fp32 for a half input under autocast, as kl_div
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -94,16 +96,16 @@ class _Distill(torch.autograd.Function):
         if ctx.inplace:
             # The student's logits receive their gradient; bumping their version makes any
             # later backward that saved them raise instead of reading a gradient as logits.
-            _impl("distill_bwd_inplace", s2)(scale, s2, t2, t, stats, *ctx.opts)
+            _impl("distill_bwd_inplace", ctx.backend)(scale, s2, t2, t, stats, *ctx.opts)
             torch.autograd.graph.increment_version(student)
             return (student,) + (None,) * 8
-        grad = _impl("distill_bwd", s2)(scale, s2, t2, t, stats, *ctx.opts)
+        grad = _impl("distill_bwd", ctx.backend)(scale, s2, t2, t, stats, *ctx.opts)
         return (grad.view(student.shape),) + (None,) * 8
 
 
 def _real(name, v, ok, what):
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(float(v)):
-        raise ValueError(f"{name} must be {what}, got {v!r}")
+        raise FusedLossValueError(f"{name} must be {what}, got {v!r}")
     return float(v)
 
 
@@ -127,13 +129,13 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
     check_tensor("student_logits", student_logits)
     check_tensor("teacher_logits", teacher_logits)
     if student_logits.dim() == 0 or student_logits.shape[-1] == 0:
-        raise ValueError(f"student_logits must have shape [..., V] with V >= 1, got "
+        raise FusedLossValueError(f"student_logits must have shape [..., V] with V >= 1, got "
                          f"{tuple(student_logits.shape)}")
     if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher_logits must have the student_logits' shape "
+        raise FusedLossValueError(f"teacher_logits must have the student_logits' shape "
                          f"{tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
     if teacher_logits.requires_grad:
-        raise ValueError("teacher_logits requires grad, but distillation_loss gives the teacher no "
+        raise FusedLossValueError("teacher_logits requires grad, but distillation_loss gives the teacher no "
                          "gradient: pass teacher_logits.detach() (or compute it under no_grad)")
     temperature = _real("temperature", temperature, lambda v: v > 0 and math.isfinite(v),
                         "a finite number > 0")
@@ -141,21 +143,21 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
     hard_weight = _real("hard_weight", hard_weight, lambda v: v >= 0 and math.isfinite(v),
                         "a finite number >= 0")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; "
+        raise FusedLossValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; "
                          f"got {reduction!r}")
     if target is not None:
         check_tensor("target", target, floating=False)
         if target.dtype not in (torch.int64, torch.uint8):
-            raise TypeError(f"target must hold int64 (or uint8) class indices, got {target.dtype}")
+            raise FusedLossTypeError(f"target must hold int64 (or uint8) class indices, got {target.dtype}")
         if target.shape != student_logits.shape[:-1]:
-            raise ValueError(f"target must have shape {tuple(student_logits.shape[:-1])} (the "
+            raise FusedLossValueError(f"target must have shape {tuple(student_logits.shape[:-1])} (the "
                              f"logits' without V), got {tuple(target.shape)}")
     elif hard_weight > 0:
-        raise ValueError("hard_weight > 0 needs a target (class indices)")
+        raise FusedLossValueError("hard_weight > 0 needs a target (class indices)")
     check_same_device("student_logits", student_logits, teacher_logits=teacher_logits,
                       target=target)
     if inplace_backward and student_logits.requires_grad and student_logits.is_leaf:
-        raise ValueError("inplace_backward=True overwrites student_logits with their gradient, "
+        raise FusedLossValueError("inplace_backward=True overwrites student_logits with their gradient, "
                          "which cannot be done to a leaf tensor that requires grad")
     return _Distill.apply(student_logits, teacher_logits, target, temperature, beta,
                           int(ignore_index), hard_weight, reduction, bool(inplace_backward))

@@ -13,7 +13,8 @@ import warnings
 import torch
 
 from . import _backend
-from ._common import check_same_device, check_tensor, resolve_reduction
+from ._common import (FusedLossTypeError, FusedLossValueError, amp_dtype, check_same_device,
+                      check_tensor, resolve_reduction)
 from ._elementwise import IMPLS, ElementwiseLoss, broadcast_shape, fake_bwd, fake_fwd
 
 if _backend.HAS_TRITON:
@@ -68,15 +69,16 @@ def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_
         if reduction == "mean":
             warnings.warn(_MEAN_WARNING, stacklevel=2)
         if reduction not in ("none", "batchmean", "sum", "mean"):
-            raise ValueError(f"reduction must be one of 'none', 'batchmean', 'sum', 'mean'; "
+            raise FusedLossValueError(f"reduction must be one of 'none', 'batchmean', 'sum', 'mean'; "
                              f"got {reduction!r}")
     check_tensor("input", input)
     check_tensor("target", target, floating=False)
     if target.is_complex():
-        raise TypeError(f"target must be real, got {target.dtype}")
+        raise FusedLossTypeError(f"target must be real, got {target.dtype}")
     broadcast_shape("input", input, "target", target)
     check_same_device("input", input, target=target)
-    out_dtype = torch.promote_types(input.dtype, target.dtype)
+    # (under autocast torch computes kl_div in fp32 and returns fp32: amp_dtype)
+    out_dtype = torch.promote_types(amp_dtype(input), amp_dtype(target))
     kernel_reduction = "sum" if reduction == "batchmean" else reduction
     out = ElementwiseLoss.apply("kl_div", (bool(log_target),), kernel_reduction, out_dtype,
                                 input, target, None, None)

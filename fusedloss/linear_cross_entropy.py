@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from . import _backend
-from ._common import (check_class_targets_for, check_same_device, check_tensor,
-                      class_weight_sum, resolve_reduction)
+from ._common import (FusedLossValueError, check_class_targets_for, check_same_device,
+                      check_tensor, class_weight_sum, resolve_reduction)
 from .reference import acc_dtype
 
 _FN = "fusedloss.linear_cross_entropy"
@@ -41,11 +41,6 @@ def default_block_rows(n_classes: int, dtype: torch.dtype) -> int:
     """Rows per block so that the [rows, V] logits block holds at most BLOCK_BYTES."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return max(1, BLOCK_BYTES // max(1, n_classes * itemsize))
-
-
-def _device_guard(t: torch.Tensor):
-    # Triton launches on the current device, which need not be the tensor's.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _blocked(ce, input, linear_weight, linear_bias, target, weight, grad_scale, ignore_index,
@@ -76,16 +71,15 @@ def _blocked(ce, input, linear_weight, linear_bias, target, weight, grad_scale, 
             torch.mm(x_blk, wt, out=logits)
         t_blk = target[r:r + nb]
         l3 = logits.unsqueeze(-1)
-        with _device_guard(input):
-            loss_blk, lse_blk = ce.cross_entropy_fwd(l3, t_blk, weight, ignore_index,
-                                                     label_smoothing, z_loss)
+        loss_blk, lse_blk = ce.cross_entropy_fwd(l3, t_blk, weight, ignore_index,
+                                                 label_smoothing, z_loss)
         loss[r:r + nb] = loss_blk
         if not (need_input or need_weight or need_bias):
             continue
         scale = grad_scale if grad_scale.numel() == 1 else grad_scale[r:r + nb]
-        with _device_guard(input):
-            ce.cross_entropy_bwd_inplace(scale, l3, t_blk, lse_blk, weight, ignore_index,
-                                         label_smoothing, z_loss)
+        # (the Triton launchers run under the logits' device themselves: device_guard)
+        ce.cross_entropy_bwd_inplace(scale, l3, t_blk, lse_blk, weight, ignore_index,
+                                     label_smoothing, z_loss)
         if need_input:
             torch.mm(logits, linear_weight, out=gi[r:r + nb])
         if need_weight:
@@ -194,9 +188,9 @@ def _check_group(group, start):
         raise RuntimeError(f"{_FN}: process_group needs an initialised torch.distributed "
                            f"process group (dist.init_process_group)")
     if dist.get_rank(group) < 0:
-        raise ValueError("this rank is not a member of process_group")
+        raise FusedLossValueError("this rank is not a member of process_group")
     if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
-        raise ValueError(f"vocab_start_index must be a non-negative int or None, got {start!r}")
+        raise FusedLossValueError(f"vocab_start_index must be a non-negative int or None, got {start!r}")
 
 
 class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
@@ -233,11 +227,10 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             ce_fwd = _backend.impl(_backend.backend_for(x), _tk, "cross_entropy_fwd")
             for r, nb, x_blk, logits in _logit_blocks(x, lw, lb, block_rows):
                 tl_blk = t_loc[r:r + nb]
-                with _device_guard(x):
-                    # ignore_index -1 never matches t_loc >= 0: every row's lse. With eps = 1 the
-                    # kernel's row loss is lse_r - sum_r / V_r: the row sum in the same read.
-                    loss_k, lse_k = ce_fwd(logits.unsqueeze(-1), tl_blk, None, -1,
-                                           1.0 if eps else 0.0, 0.0)
+                # ignore_index -1 never matches t_loc >= 0: every row's lse. With eps = 1 the
+                # kernel's row loss is lse_r - sum_r / V_r: the row sum in the same read.
+                loss_k, lse_k = ce_fwd(logits.unsqueeze(-1), tl_blk, None, -1,
+                                       1.0 if eps else 0.0, 0.0)
                 lse_r[r:r + nb] = lse_k
                 if eps:
                     sum_r[r:r + nb] = width * (lse_k - loss_k)
@@ -311,12 +304,12 @@ def _logit_blocks(x, lw, lb, block_rows):
 def _check_options(reduction, label_smoothing, z_loss, block_rows):
     reduction = resolve_reduction(reduction)
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+        raise FusedLossValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     if not z_loss >= 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+        raise FusedLossValueError(f"z_loss must be >= 0, got {z_loss}")
     if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int)
                                    or block_rows < 1):
-        raise ValueError(f"block_rows must be a positive int or None, got {block_rows!r}")
+        raise FusedLossValueError(f"block_rows must be a positive int or None, got {block_rows!r}")
     return reduction
 
 
@@ -372,7 +365,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if weight is not None:
         check_tensor("weight", weight)
         if weight.dim() != 1 or weight.numel() != n_classes:
-            raise ValueError(f"{_FN}: weight must have shape ({n_classes},) (one per class of "
+            raise FusedLossValueError(f"{_FN}: weight must have shape ({n_classes},) (one per class of "
                              f"linear_weight), got {tuple(weight.shape)}")
     check_same_device("input", input, linear_weight=linear_weight, linear_bias=linear_bias,
                       target=target, weight=weight)
@@ -389,7 +382,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     ignore_index = -100 if ignore_index is None else int(ignore_index)
     if out_features or probs:
         if process_group is not None:
-            raise ValueError(f"{_FN}: process_group needs class-index targets and a 2-d "
+            raise FusedLossValueError(f"{_FN}: process_group needs class-index targets and a 2-d "
                              f"linear_weight")
         return _plain(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                       label_smoothing, z_loss, out_features, probs)
@@ -417,7 +410,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     with torch.autocast(input.device.type, enabled=False) if autocast else contextlib.nullcontext():
         if process_group is not None:
             if weight is not None:
-                raise ValueError(f"{_FN}: class weights are not supported with process_group")
+                raise FusedLossValueError(f"{_FN}: class weights are not supported with process_group")
             _check_group(process_group, vocab_start_index)
             out = _VocabParallelLinearCrossEntropy.apply(
                 x2, linear_weight, linear_bias, t, process_group, vocab_start_index,

@@ -14,15 +14,14 @@ exp(b - m_b)(b - a), or exp(a - m_a)(a - b) for reverse; zero-probability terms 
 the JSD (log m needs both normalisers). Backward reads them once more and writes the gradient from
 the per-row statistics [lse_a, lse_b, K, lse(s), 1 - p_y], with grad_output folded in.
 """
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, log1p, online_lse_step, row_block, row_finish, row_setup, tl_acc
-from ._elementwise import split_float
+from ._common import (acc_dtype, device_guard, float_arg, log1p, online_lse_step, row_block,
+                      row_finish, row_setup, tl_acc)
 
 N_STATS = 5
 
@@ -41,13 +40,10 @@ def _kd_row(S, stride_sn, TARGET, C, ignore_index, HAS_TARGET: tl.constexpr):
 
 
 @triton.jit
-def _params(inv_t_hi, inv_t_lo, temp_hi, temp_lo, beta_hi, beta_lo, log_b_hi, log_b_lo,
-            log_1mb_hi, log_1mb_lo, c_hi, c_lo, hw_hi, hw_lo, ACC: tl.constexpr):
-    """The float options, each passed as fp32 hi + lo (exact in an fp64 kernel)."""
-    z = tl.zeros((), ACC)
-    return ((z + inv_t_hi) + inv_t_lo, (z + temp_hi) + temp_lo, (z + beta_hi) + beta_lo,
-            (z + log_b_hi) + log_b_lo, (z + log_1mb_hi) + log_1mb_lo, (z + c_hi) + c_lo,
-            (z + hw_hi) + hw_lo)
+def _params(inv_t, temp, beta, log_b, log_1mb, c, hw, ACC: tl.constexpr):
+    """The float options (declared tl.float64 in the kernels) in the acc dtype."""
+    return (float_arg(inv_t, ACC), float_arg(temp, ACC), float_arg(beta, ACC),
+            float_arg(log_b, ACC), float_arg(log_1mb, ACC), float_arg(c, ACC), float_arg(hw, ACC))
 
 
 @triton.jit
@@ -78,14 +74,13 @@ def _kd_dda(a, b, lse_a, lse_b, k, c, log_b, log_1mb, MODE: tl.constexpr):
 @triton.jit
 def _distill_fwd_kernel(
     S, stride_sn, stride_sc, T, stride_tn, stride_tc, TARGET, LOSS, STATS,
-    C, ignore_index, inv_t_hi, inv_t_lo, temp_hi, temp_lo, beta_hi, beta_lo, log_b_hi, log_b_lo,
-    log_1mb_hi, log_1mb_lo, c_hi, c_lo, hw_hi, hw_lo,
+    C, ignore_index, inv_t_: tl.float64, temp_: tl.float64, beta_: tl.float64,
+    log_b_: tl.float64, log_1mb_: tl.float64, c_: tl.float64, hw_: tl.float64,
     MODE: tl.constexpr, HAS_TARGET: tl.constexpr, HARD: tl.constexpr, ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     inv_t, temp, beta, log_b, log_1mb, c, hard_weight = _params(
-        inv_t_hi, inv_t_lo, temp_hi, temp_lo, beta_hi, beta_lo, log_b_hi, log_b_lo, log_1mb_hi,
-        log_1mb_lo, c_hi, c_lo, hw_hi, hw_lo, ACC)
+        inv_t_, temp_, beta_, log_b_, log_1mb_, c_, hw_, ACC)
     row, s_row, y, valid = _kd_row(S, stride_sn, TARGET, C, ignore_index, HAS_TARGET)
     t_row = T + row * stride_tn
     c_read = tl.where(valid, C, 0)
@@ -155,36 +150,35 @@ def _distill_fwd_kernel(
     if HARD:
         lse_s, nll, q_ce = row_finish(m_ce, s_ce, x_y)
         loss += hard_weight * nll
-    st = STATS + row * 5
+    st = row * 5  # (int64: every pointer offset is 64-bit)
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
-    tl.store(st, tl.where(valid, lse_a, 0.0))
-    tl.store(st + 1, tl.where(valid, lse_b, 0.0))
-    tl.store(st + 2, tl.where(valid, k, 0.0))
-    tl.store(st + 3, tl.where(valid, lse_s, 0.0))
-    tl.store(st + 4, tl.where(valid, q_ce, 0.0))
+    tl.store(STATS + st, tl.where(valid, lse_a, 0.0))
+    tl.store(STATS + (st + 1), tl.where(valid, lse_b, 0.0))
+    tl.store(STATS + (st + 2), tl.where(valid, k, 0.0))
+    tl.store(STATS + (st + 3), tl.where(valid, lse_s, 0.0))
+    tl.store(STATS + (st + 4), tl.where(valid, q_ce, 0.0))
 
 
 @triton.jit
 def _distill_bwd_kernel(
     S, stride_sn, stride_sc, T, stride_tn, stride_tc, TARGET, STATS, GRAD_SCALE,
     G, stride_gn, stride_gc,
-    C, ignore_index, inv_t_hi, inv_t_lo, temp_hi, temp_lo, beta_hi, beta_lo, log_b_hi, log_b_lo,
-    log_1mb_hi, log_1mb_lo, c_hi, c_lo, hw_hi, hw_lo,
+    C, ignore_index, inv_t_: tl.float64, temp_: tl.float64, beta_: tl.float64,
+    log_b_: tl.float64, log_1mb_: tl.float64, c_: tl.float64, hw_: tl.float64,
     MODE: tl.constexpr, HAS_TARGET: tl.constexpr, HARD: tl.constexpr,
     PER_ROW_SCALE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     inv_t, temp, beta, log_b, log_1mb, c, hard_weight = _params(
-        inv_t_hi, inv_t_lo, temp_hi, temp_lo, beta_hi, beta_lo, log_b_hi, log_b_lo, log_1mb_hi,
-        log_1mb_lo, c_hi, c_lo, hw_hi, hw_lo, ACC)
+        inv_t_, temp_, beta_, log_b_, log_1mb_, c_, hw_, ACC)
     row, s_row, y, valid = _kd_row(S, stride_sn, TARGET, C, ignore_index, HAS_TARGET)
     t_row = T + row * stride_tn
     g_row = G + row * stride_gn
-    st = STATS + row * 5
-    lse_a = tl.load(st).to(ACC)
-    lse_b = tl.load(st + 1).to(ACC)
-    k = tl.load(st + 2).to(ACC)
-    lse_s = tl.load(st + 3).to(ACC)
-    q_ce = tl.load(st + 4).to(ACC)
+    st = row * 5  # (int64: every pointer offset is 64-bit)
+    lse_a = tl.load(STATS + st).to(ACC)
+    lse_b = tl.load(STATS + (st + 1)).to(ACC)
+    k = tl.load(STATS + (st + 2)).to(ACC)
+    lse_s = tl.load(STATS + (st + 3)).to(ACC)
+    q_ce = tl.load(STATS + (st + 4)).to(ACC)
     scale = tl.load(GRAD_SCALE + row).to(ACC) if PER_ROW_SCALE else tl.load(GRAD_SCALE).to(ACC)
     # read before the sweep: G may be the student's own memory
     s_y = tl.load(s_row + y * stride_sc).to(ACC)
@@ -207,11 +201,6 @@ def _distill_bwd_kernel(
         tl.store(g_row + y * stride_gc, g_y.to(G.dtype.element_ty), mask=valid)
 
 
-def _guard(t):
-    # Triton launches on the current device: run under the tensor's.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _consts(student, temperature, beta, hard_weight, target):
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -223,8 +212,8 @@ def _consts(student, temperature, beta, hard_weight, target):
     log_b = math.log(beta) if mode == 2 else 0.0
     log_1mb = math.log1p(-beta) if mode == 2 else 0.0
     c = 1.0 - beta if mode == 2 else 1.0
-    params = [v for x in (1.0 / temperature, temperature, beta, log_b, log_1mb, c, hard_weight)
-              for v in split_float(float(x))]
+    params = [float(x) for x in (1.0 / temperature, temperature, beta, log_b, log_1mb, c,
+                                 hard_weight)]
     return params, dict(MODE=mode, HAS_TARGET=target is not None,
                                       HARD=hard_weight != 0, ACC=tl_acc(student.dtype))
 
@@ -239,7 +228,7 @@ def distill_fwd(student, teacher, target, temperature, beta, ignore_index, hard_
     if R == 0:
         return loss, stats
     block, num_warps = row_block(C)
-    with _guard(student):
+    with device_guard(student):
         _distill_fwd_kernel[(R,)](
             student, *student.stride(), teacher, *teacher.stride(),
             target if target is not None else loss, loss, stats, C, ignore_index, *params,
@@ -259,7 +248,7 @@ def distill_bwd(grad_scale, student, teacher, target, stats, temperature, beta, 
     if R == 0:
         return grad
     block, num_warps = row_block(C)
-    with _guard(student):
+    with device_guard(student):
         _distill_bwd_kernel[(R,)](
             student, *student.stride(), teacher, *teacher.stride(),
             target if target is not None else stats, stats, grad_scale, grad, *grad.stride(),

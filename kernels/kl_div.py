@@ -7,8 +7,6 @@ backward (GRAD_X / GRAD_Y, times grad_out). x log-probability, y target:
 A zero target (y = 0 with x = -inf; y = -inf in log space) contributes 0 where torch's 0 * inf is
 NaN.
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -48,20 +46,14 @@ def _kl_div_kernel(
            gy, numel, REDUCTION, COMPUTE_LOSS, GRAD_X, GRAD_Y, ACC)
 
 
-def _guard(t):
-    # Triton launches on the current device: run under the tensor's.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def kl_div_fwd(input, target, log_target, reduction):
-    """Launch on 4-d views; same contract as torch.ops.fusedloss.kl_div_fwd."""
-    with _guard(input):
-        return launch(_kl_div_kernel, input, target, None, None, None, reduction, True, False,
-                      False, LOG_TARGET=bool(log_target))[0]
+    """Launch on 4-d views (under the tensors' device: _elementwise.launch); same contract as
+    torch.ops.fusedloss.kl_div_fwd."""
+    return launch(_kl_div_kernel, input, target, None, None, None, reduction, True, False, False,
+                  LOG_TARGET=bool(log_target))[0]
 
 
 def kl_div_bwd(grad_out, input, target, log_target, reduction, grad_input, grad_target):
     """Launch on 4-d views; same contract as torch.ops.fusedloss.kl_div_bwd."""
-    with _guard(input):
-        return launch(_kl_div_kernel, input, target, None, None, grad_out, reduction, False,
-                      grad_input, grad_target, LOG_TARGET=bool(log_target))[1:]
+    return launch(_kl_div_kernel, input, target, None, None, grad_out, reduction, False,
+                  grad_input, grad_target, LOG_TARGET=bool(log_target))[1:]

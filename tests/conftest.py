@@ -42,6 +42,13 @@ BACKENDS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same global RNG state: a result never depends on test order
+    (random grad_outputs and inputs drawn without a generator)."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     """Runs the test once per backend; FUSEDLOSS_BACKEND is overridden for its duration."""

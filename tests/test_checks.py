@@ -22,7 +22,8 @@ ROOT = pathlib.Path(fusedloss.__file__).parent
 # ---------------------------------------------------------------- exceptions
 
 # The modules that validate loss arguments (training.py has its own rules).
-LOSS_MODULES = ["_common", "_elementwise", "bce", "cross_entropy", "distributed", "focal", "huber"]
+LOSS_MODULES = ["_common", "_elementwise", "bce", "cross_entropy", "distributed", "focal", "huber",
+                "kl_div", "distillation", "linear_cross_entropy"]
 
 
 def test_no_plain_value_or_type_error_in_loss_modules():
@@ -103,7 +104,10 @@ def _every_loss(device):
                  F.binary_cross_entropy_with_logits(x, y, pos_weight=w),
                  F.huber_loss(x, y), F.smooth_l1_loss(x, y),
                  F.sigmoid_focal_loss(x, y, reduction="sum"),
-                 F.softmax_focal_loss(x, t, alpha=w)]:
+                 F.softmax_focal_loss(x, t, alpha=w),
+                 F.kl_div(torch.log_softmax(x, 1), y, reduction="batchmean"),
+                 F.distillation_loss(x, y, t, beta=0.5, hard_weight=0.5),
+                 F.linear_cross_entropy(x, torch.randn(7, 5, device=device), t.clamp(0, 6))]:
         loss.backward()
 
 
