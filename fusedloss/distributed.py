@@ -64,6 +64,25 @@ def _check_gathered(g: torch.Tensor, ignore_index: int) -> None:
     check_class_targets(_FN, t_all[0].long(), end, ignore_index)
 
 
+def _assert_gathered(g: torch.Tensor, ignore_index: int) -> None:
+    """_check_gathered's checks as one device-side assertion (CUDA): no host read, so no sync per
+    call, and it stays in the graph under torch.compile and CUDA-graph capture. A violation makes
+    a later synchronising call raise "CUDA error: device-side assert triggered" on every rank."""
+    n = (g.shape[1] - 2) // 4
+    start, width = g[:, 0], g[:, 1]
+    # slices tile [0, V): sorted by start (empty ones last), each starts where the previous ends
+    order = torch.argsort(torch.where(width > 0, start, float("inf")))
+    s, w = start[order], width[order]
+    tiled = ((s == torch.cumsum(w, 0) - w) | (w == 0)).all()
+    t_all = g[:, 2 + 3 * n:]
+    same = (t_all == t_all[:1]).all()
+    t = t_all[0]
+    in_range = ((t == ignore_index) | ((t >= 0) & (t < width.sum()))).all()
+    torch._assert_async(tiled & same & in_range,
+                        f"{_FN}: the ranks' vocab slices must tile [0, V), the target must be the "
+                        f"same on every rank and in [0, V) or ignore_index")
+
+
 def shard_start(width, start, group, dev):
     """This rank's first class: `start` if given, else the exclusive prefix sum of the ranks'
     widths (slices in rank order), from one small all-gather."""
@@ -94,7 +113,9 @@ def combine_shards(lse_r, x_y, sum_r, t, start, width, group, ignore_index, eps,
     g = torch.empty(world * packed.numel(), dtype=f64, device=dev)  # flat: gloo wants cat form
     _all_gather(g, packed, group)
     g = g.view(world, packed.numel())
-    if _backend.eager_checks_enabled(t):
+    if g.device.type == "cuda":
+        _assert_gathered(g, ignore_index)
+    elif _backend.eager_checks_enabled(t):
         _check_gathered(g, ignore_index)
 
     vocab = g[:, 1].sum()

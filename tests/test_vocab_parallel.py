@@ -379,3 +379,28 @@ def test_needs_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
         vocab_parallel_cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_device_side_checks_of_the_gathered_stats():
+    """The CUDA path checks the gathered (start, width, target) rows with one device-side
+    assertion instead of a host read; its predicate, run here on CPU tensors (where
+    torch._assert_async raises at once): slices must tile [0, V) in any rank order, targets must
+    agree across ranks and lie in [0, V) or be ignore_index."""
+    from fusedloss.distributed import _assert_gathered
+
+    def gathered(starts, widths, targets):
+        n = len(targets[0])
+        return torch.stack([torch.cat([torch.tensor([s, w], dtype=torch.float64),
+                                       torch.zeros(3 * n, dtype=torch.float64),
+                                       torch.tensor(t, dtype=torch.float64)])
+                            for s, w, t in zip(starts, widths, targets)])
+
+    _assert_gathered(gathered([0, 5], [5, 4], [[0, 8, -100]] * 2), -100)
+    _assert_gathered(gathered([5, 0, 9], [4, 5, 0], [[0, 1, 2]] * 3), -100)  # any order, empty
+    for bad in [gathered([0, 6], [5, 4], [[0, 8, -100]] * 2),      # a gap
+                gathered([0, 4], [5, 4], [[0, 7, -100]] * 2),      # an overlap
+                gathered([0, 5], [5, 4], [[0, 9, -100]] * 2),      # target == V
+                gathered([0, 5], [5, 4], [[0, -1, 1]] * 2),        # -1, not ignored
+                gathered([0, 5], [5, 4], [[0, 1, 2], [0, 1, 3]])]:  # ranks disagree
+        with pytest.raises(RuntimeError):
+            _assert_gathered(bad, -100)
