@@ -117,6 +117,12 @@ if hasattr(F, "binary_cross_entropy_with_logits"):
                        (F.smooth_l1_loss, dict(beta=1.0)), (F.huber_loss, dict(reduction="none"))]:
             grad_of(lambda x, y: fn(x, y, **kw), x, y)
         grad_of(lambda x, y: F.huber_loss(x, y), torch.randn(6, 1, 5, dtype=dt), torch.randn(3, 1, dtype=dt))
+        # contiguous (CONTIG) and strided paths; grad_out scalar, contiguous and transposed
+        xt = x.detach().t().contiguous().t().requires_grad_(True)
+        xc = x.detach().requires_grad_(True)
+        for fn in (F.binary_cross_entropy_with_logits, F.huber_loss):
+            fn(xc, y, weight=torch.rand(6, 5), reduction="none").backward(torch.randn(5, 6, dtype=dt).t())
+            fn(xt, y.t().contiguous().t(), reduction="none").backward(torch.randn(6, 5, dtype=dt))
 if hasattr(F, "sigmoid_focal_loss"):
     for dt in each():
         x = torch.randn(6, 5, dtype=dt); y = (torch.rand(6, 5) > 0.5).to(dt)
