@@ -22,9 +22,22 @@ from ._common import (acc_dtype, device_guard, float_arg, log1p, row_block, row_
 CHUNK = 4096
 
 
+# How q^gamma is formed (GAMMA_MODE, as csrc/focal.cpp's kPow / kZero / kSquare).
+POW, ZERO, SQUARE = 0, 1, 2
+
+
+def gamma_mode(gamma: float) -> int:
+    """SQUARE for the common gamma = 2 (q * q, no log/exp per element), ZERO for gamma = 0."""
+    return SQUARE if gamma == 2.0 else (ZERO if gamma == 0.0 else POW)
+
+
 @triton.jit
-def _pow_gamma(q, gamma):
+def _pow_gamma(q, gamma, GAMMA_MODE: tl.constexpr):
     """q^gamma for q in [0, 1], gamma >= 0, with 0^0 = 1 (and no 0 * log(0) formed)."""
+    if GAMMA_MODE == 2:
+        return q * q
+    if GAMMA_MODE == 1:
+        return tl.full(q.shape, 1.0, q.dtype)
     pos = q > 0
     at_zero = tl.where(gamma == 0.0, 1.0, 0.0)
     return tl.where(pos, tl.exp(gamma * tl.log(tl.where(pos, q, 1.0))), at_zero)
@@ -34,7 +47,7 @@ def _pow_gamma(q, gamma):
 def _sigmoid_focal_fwd_kernel(
     X, Y, GRAD_SCALE, LOSS, G, n, alpha: tl.float64, gamma: tl.float64,
     HAS_ALPHA: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, REDUCE: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, GAMMA_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     alpha = float_arg(alpha, ACC)
     gamma = float_arg(gamma, ACC)
@@ -50,7 +63,7 @@ def _sigmoid_focal_fwd_kernel(
     u = tl.where(pos, 1.0 - y, y)
     v = tl.where(pos, y, 1.0 - y)
     d = u + v * e
-    qg = _pow_gamma(d / ope, gamma)
+    qg = _pow_gamma(d / ope, gamma, GAMMA_MODE)
     ce = a * u + log1p(e)
     if HAS_ALPHA:
         at = alpha * y + (1.0 - alpha) * (1.0 - y)
@@ -86,7 +99,8 @@ def sigmoid_focal_fwd(input, target, grad_scale, alpha, gamma, reduce, compute_g
             input, target, grad_scale if grad_scale is not None else loss, loss,
             grad if compute_grad else input, n, float(alpha), float(gamma),
             HAS_ALPHA=alpha >= 0, HAS_GRAD_SCALE=grad_scale is not None, REDUCE=reduce,
-            COMPUTE_GRAD=compute_grad, ACC=tl_acc(input.dtype), BLOCK=CHUNK, num_warps=8,
+            COMPUTE_GRAD=compute_grad, GAMMA_MODE=gamma_mode(gamma), ACC=tl_acc(input.dtype),
+            BLOCK=CHUNK, num_warps=8,
         )
     return loss, grad
 
@@ -98,7 +112,7 @@ def _softmax_focal_fwd_kernel(
     G, stride_gn, stride_gc, stride_gd,
     C, ignore_index, gamma: tl.float64,
     HAS_ALPHA: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    GAMMA_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     gamma = float_arg(gamma, ACC)
     row, x_row, t_safe, valid = row_setup(X, stride_xn, stride_xd, D, TARGET, C, ignore_index)
@@ -107,7 +121,7 @@ def _softmax_focal_fwd_kernel(
     lse = tl.where(valid, lse, 0.0)  # ignored rows: keep exp(x - lse) finite
     lp = -nll
     a_t = tl.load(ALPHA + t_safe).to(ACC) if HAS_ALPHA else 1.0
-    qg = _pow_gamma(q, gamma)
+    qg = _pow_gamma(q, gamma, GAMMA_MODE)
     tl.store(LOSS + row, tl.where(valid, -a_t * qg * lp, 0.0))
 
     if COMPUTE_GRAD:
@@ -144,6 +158,7 @@ def softmax_focal_fwd(logits, target, alpha, grad_scale, ignore_index, gamma, co
             g, *g.stride(),
             C, ignore_index, float(gamma),
             HAS_ALPHA=alpha is not None, HAS_GRAD_SCALE=grad_scale is not None,
-            COMPUTE_GRAD=compute_grad, ACC=tl_acc(logits.dtype), BLOCK=block, num_warps=num_warps,
+            COMPUTE_GRAD=compute_grad, GAMMA_MODE=gamma_mode(gamma), ACC=tl_acc(logits.dtype),
+            BLOCK=block, num_warps=num_warps,
         )
     return loss, grad
