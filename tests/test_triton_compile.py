@@ -134,6 +134,10 @@ if hasattr(F, "sigmoid_focal_loss"):
             for kw in [{}, dict(gamma=0.5, alpha=torch.rand(5)), dict(gamma=0.0, reduction="none"),
                        dict(alpha=0.25, reduction="sum")]:
                 grad_of(lambda x: F.softmax_focal_loss(x, t, **kw), x)
+        # wide rows: one row per program (above, C = 5: several rows per program)
+        x = torch.randn(2, 3000, dtype=dt); t = torch.randint(0, 3000, (2,))
+        for kw in [{}, dict(gamma=0.5, alpha=torch.rand(3000))]:
+            grad_of(lambda x: F.softmax_focal_loss(x, t, **kw), x)
 if problems:
     print("\n".join(sorted(problems)))
     sys.exit(1)
