@@ -48,6 +48,24 @@ def row_block(n_cols: int, max_block: int = 8192):
     return block, num_warps
 
 
+# Classes up to which a softmax loss processes several whole rows per program (rows_block).
+ROWS_MAX_C = 2048
+# Elements per [ROWS, BLOCK] tile: 16 fp32 per thread at 8 warps, registers to spare.
+ROWS_TILE = 4096
+
+
+def rows_block(n_cols: int, n_rows: int):
+    """(ROWS, BLOCK, num_warps) for programs holding ROWS whole rows of n_cols <= BLOCK classes,
+    or None for wide rows (row_block: one program per row, swept in blocks). One row per program
+    leaves most lanes of a program idle and launches N tiny programs when C is small."""
+    if n_cols > ROWS_MAX_C:
+        return None
+    block = triton.next_power_of_2(max(n_cols, 1))
+    rows = min(max(ROWS_TILE // block, 1), triton.next_power_of_2(max(n_rows, 1)))
+    num_warps = 4 if rows * block <= 2048 else 8
+    return rows, block, num_warps
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp32, or fp64 for fp64 inputs (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -121,6 +139,48 @@ def row_stats(x_row, stride_xc, C, y, valid, WEIGHT, HAS_WEIGHT: tl.constexpr,
             else:
                 swx += tl.sum(x, 0)
         m, s = online_lse_step(m, s, tl.where((cols < c_read) & (cols != y), x, float("-inf")))
+    lse, nll, q = row_finish(m, s, x_y)
+    return lse, nll, q, swx, w_sum
+
+
+@triton.jit
+def rows_setup(X, stride_xn, stride_xd, D, TARGET, C, ignore_index, n_rows, ROWS: tl.constexpr):
+    """row_setup for the ROWS rows of this program (rows_block): (rows, row pointers, targets,
+    valid, live), each [ROWS]; live = the row exists (the last program's tail does not)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live = rows < n_rows
+    n = rows // D
+    x_rows = X + n * stride_xn + (rows - n * D) * stride_xd
+    y = tl.load(TARGET + rows, mask=live, other=0)
+    valid = live & (y != ignore_index) & (y >= 0) & (y < C)
+    return rows, x_rows, tl.where(valid, y, 0), valid, live
+
+
+@triton.jit
+def row_stats2d(x_rows, stride_xc, C, y, valid, WEIGHT, HAS_WEIGHT: tl.constexpr,
+                SUM_WX: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """row_stats for several rows at once (x_rows, y, valid: [ROWS]), each row whole in one
+    block (C <= BLOCK): (lse, nll, q, swx, w_sum), [ROWS] each (w_sum a scalar). The same
+    numerics: m = max(x_y, x_j), s = sum_{j != y} exp(x_j - m), row_finish."""
+    cols = tl.arange(0, BLOCK)
+    inrow = valid[:, None] & (cols < C)[None, :]
+    x = tl.load(x_rows[:, None] + (cols.to(tl.int64) * stride_xc)[None, :], mask=inrow,
+                other=0.0).to(ACC)
+    is_y = cols[None, :] == y[:, None]
+    x_y = tl.sum(tl.where(is_y, x, 0.0), 1)  # invalid rows read nothing: x_y = 0
+    others = tl.where(inrow & ~is_y, x, float("-inf"))
+    m = tl.maximum(x_y, tl.max(others, 1))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # as online_lse_step
+    s = tl.sum(tl.exp(others - m_safe[:, None]), 1)
+    swx = tl.zeros_like(x_y)
+    w_sum = tl.zeros((), ACC)
+    if SUM_WX:
+        if HAS_WEIGHT:
+            w = tl.load(WEIGHT + cols.to(tl.int64), mask=cols < C, other=0.0).to(ACC)
+            swx = tl.sum(x * w[None, :], 1)
+            w_sum = tl.sum(w, 0)
+        else:
+            swx = tl.sum(x, 1)
     lse, nll, q = row_finish(m, s, x_y)
     return lse, nll, q, swx, w_sum
 

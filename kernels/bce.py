@@ -21,16 +21,16 @@ def _bce_kernel(
     sg0, sg1, sg2, sg3,
     HAS_W: tl.constexpr, HAS_PW: tl.constexpr, REDUCTION: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr, ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, CONTIG: tl.constexpr, GO_SCALAR: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < numel
-    i0, i1, i2, i3 = coords4(idx, D1, D2, D3)
-    x = load4(X, i0, i1, i2, i3, sx0, sx1, sx2, sx3, mask, ACC)
-    y = load4(Y, i0, i1, i2, i3, sy0, sy1, sy2, sy3, mask, ACC)
-    w = load4(W, i0, i1, i2, i3, sw0, sw1, sw2, sw3, mask, ACC) if HAS_W else 1.0
-    pw = load4(PW, i0, i1, i2, i3, sp0, sp1, sp2, sp3, mask, ACC) if HAS_PW else 1.0
+    i0, i1, i2, i3 = coords4(idx, D1, D2, D3, CONTIG)
+    x = load4(X, i0, i1, i2, i3, sx0, sx1, sx2, sx3, mask, ACC, CONTIG)
+    y = load4(Y, i0, i1, i2, i3, sy0, sy1, sy2, sy3, mask, ACC, CONTIG)
+    w = load4(W, i0, i1, i2, i3, sw0, sw1, sw2, sw3, mask, ACC, CONTIG) if HAS_W else 1.0
+    pw = load4(PW, i0, i1, i2, i3, sp0, sp1, sp2, sp3, mask, ACC, CONTIG) if HAS_PW else 1.0
     e = tl.exp(-tl.abs(x))
     l1p = log1p(e)
     sp_pos = tl.maximum(x, 0.0) + l1p  # softplus(x)
@@ -44,7 +44,7 @@ def _bce_kernel(
     gx = w * (b * sig_pos - a * sig_neg)
     gy = w * (pw * sp_neg - sp_pos)
     finish(LOSS, GX, GY, GO, pid, idx, i0, i1, i2, i3, sg0, sg1, sg2, sg3, mask, loss, gx,
-           gy, numel, REDUCTION, COMPUTE_LOSS, GRAD_X, GRAD_Y, ACC)
+           gy, numel, REDUCTION, COMPUTE_LOSS, GRAD_X, GRAD_Y, ACC, CONTIG, GO_SCALAR)
 
 
 def bce_fwd(input, target, weight, pos_weight, reduction):

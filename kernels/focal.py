@@ -1,5 +1,6 @@
 """Focal losses: sigmoid (element-wise, one program per CHUNK elements) and softmax (one program
-per row). Same contracts and formulas as csrc/focal.cpp.
+per row, or several whole rows per program for C <= _common.ROWS_MAX_C). Same contracts and
+formulas as csrc/focal.cpp.
 
 Sigmoid, with e = exp(-|x|), u = 1-y (x >= 0) or y (x < 0), v = 1 - u, s = sign(x):
   ce = |x| u + log1p(e),  q = 1 - p_t = (u + v e)/(1 + e),  L = alpha_t ce q^gamma
@@ -16,15 +17,28 @@ import triton
 import triton.language as tl
 
 from ._common import (acc_dtype, device_guard, float_arg, log1p, row_block, row_setup,
-                      row_stats, tl_acc)
+                      row_stats, row_stats2d, rows_block, rows_setup, tl_acc)
 
 # Elements per partial sum of the reduced sigmoid loss (kChunk in csrc/focal.cpp).
 CHUNK = 4096
 
 
+# How q^gamma is formed (GAMMA_MODE, as csrc/focal.cpp's kPow / kZero / kSquare).
+POW, ZERO, SQUARE = 0, 1, 2
+
+
+def gamma_mode(gamma: float) -> int:
+    """SQUARE for the common gamma = 2 (q * q, no log/exp per element), ZERO for gamma = 0."""
+    return SQUARE if gamma == 2.0 else (ZERO if gamma == 0.0 else POW)
+
+
 @triton.jit
-def _pow_gamma(q, gamma):
+def _pow_gamma(q, gamma, GAMMA_MODE: tl.constexpr):
     """q^gamma for q in [0, 1], gamma >= 0, with 0^0 = 1 (and no 0 * log(0) formed)."""
+    if GAMMA_MODE == 2:
+        return q * q
+    if GAMMA_MODE == 1:
+        return tl.full(q.shape, 1.0, q.dtype)
     pos = q > 0
     at_zero = tl.where(gamma == 0.0, 1.0, 0.0)
     return tl.where(pos, tl.exp(gamma * tl.log(tl.where(pos, q, 1.0))), at_zero)
@@ -34,7 +48,7 @@ def _pow_gamma(q, gamma):
 def _sigmoid_focal_fwd_kernel(
     X, Y, GRAD_SCALE, LOSS, G, n, alpha: tl.float64, gamma: tl.float64,
     HAS_ALPHA: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, REDUCE: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, GAMMA_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     alpha = float_arg(alpha, ACC)
     gamma = float_arg(gamma, ACC)
@@ -50,7 +64,7 @@ def _sigmoid_focal_fwd_kernel(
     u = tl.where(pos, 1.0 - y, y)
     v = tl.where(pos, y, 1.0 - y)
     d = u + v * e
-    qg = _pow_gamma(d / ope, gamma)
+    qg = _pow_gamma(d / ope, gamma, GAMMA_MODE)
     ce = a * u + log1p(e)
     if HAS_ALPHA:
         at = alpha * y + (1.0 - alpha) * (1.0 - y)
@@ -86,7 +100,8 @@ def sigmoid_focal_fwd(input, target, grad_scale, alpha, gamma, reduce, compute_g
             input, target, grad_scale if grad_scale is not None else loss, loss,
             grad if compute_grad else input, n, float(alpha), float(gamma),
             HAS_ALPHA=alpha >= 0, HAS_GRAD_SCALE=grad_scale is not None, REDUCE=reduce,
-            COMPUTE_GRAD=compute_grad, ACC=tl_acc(input.dtype), BLOCK=CHUNK, num_warps=8,
+            COMPUTE_GRAD=compute_grad, GAMMA_MODE=gamma_mode(gamma), ACC=tl_acc(input.dtype),
+            BLOCK=CHUNK, num_warps=8,
         )
     return loss, grad
 
@@ -98,7 +113,7 @@ def _softmax_focal_fwd_kernel(
     G, stride_gn, stride_gc, stride_gd,
     C, ignore_index, gamma: tl.float64,
     HAS_ALPHA: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    GAMMA_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     gamma = float_arg(gamma, ACC)
     row, x_row, t_safe, valid = row_setup(X, stride_xn, stride_xd, D, TARGET, C, ignore_index)
@@ -107,7 +122,7 @@ def _softmax_focal_fwd_kernel(
     lse = tl.where(valid, lse, 0.0)  # ignored rows: keep exp(x - lse) finite
     lp = -nll
     a_t = tl.load(ALPHA + t_safe).to(ACC) if HAS_ALPHA else 1.0
-    qg = _pow_gamma(q, gamma)
+    qg = _pow_gamma(q, gamma, GAMMA_MODE)
     tl.store(LOSS + row, tl.where(valid, -a_t * qg * lp, 0.0))
 
     if COMPUTE_GRAD:
@@ -125,6 +140,44 @@ def _softmax_focal_fwd_kernel(
             tl.store(g_row + cols.to(tl.int64) * stride_gc, g.to(G.dtype.element_ty), mask=cols < C)
 
 
+@triton.jit
+def _softmax_focal_fwd_rows_kernel(
+    X, stride_xn, stride_xc, stride_xd, D,
+    TARGET, ALPHA, GRAD_SCALE, LOSS,
+    G, stride_gn, stride_gc, stride_gd,
+    n_rows, C, ignore_index, gamma: tl.float64,
+    HAS_ALPHA: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    GAMMA_MODE: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """_softmax_focal_fwd_kernel for ROWS whole rows (C <= BLOCK) per program."""
+    gamma = float_arg(gamma, ACC)
+    rows, x_rows, t_safe, valid, live = rows_setup(X, stride_xn, stride_xd, D, TARGET, C,
+                                                   ignore_index, n_rows, ROWS)
+    lse, nll, q, _, _ = row_stats2d(x_rows, stride_xc, C, t_safe, valid, ALPHA, False, False,
+                                    ACC, BLOCK)
+    lse = tl.where(valid, lse, 0.0)
+    lp = -nll
+    a_t = tl.load(ALPHA + t_safe).to(ACC) if HAS_ALPHA else 1.0
+    qg = _pow_gamma(q, gamma, GAMMA_MODE)
+    tl.store(LOSS + rows, tl.where(valid, -a_t * qg * lp, 0.0), mask=live)
+
+    if COMPUTE_GRAD:
+        scale = tl.load(GRAD_SCALE).to(ACC) if HAS_GRAD_SCALE else 1.0
+        ratio = tl.where(q > 0, lp / tl.where(q > 0, q, 1.0), -1.0)
+        a = scale * a_t * qg * (1.0 - gamma * tl.exp(lp) * ratio)
+        a = tl.where(valid, a, 0.0)
+        cols = tl.arange(0, BLOCK)
+        inrow = valid[:, None] & (cols < C)[None, :]
+        # The tile again (row_stats2d's read is still in L1/L2).
+        x = tl.load(x_rows[:, None] + (cols.to(tl.int64) * stride_xc)[None, :], mask=inrow,
+                    other=0.0).to(ACC)
+        g = tl.where(cols[None, :] == t_safe[:, None], (-a * q)[:, None],
+                     a[:, None] * tl.exp(x - lse[:, None]))
+        g_rows = G + (rows // D) * stride_gn + (rows % D) * stride_gd
+        tl.store(g_rows[:, None] + (cols.to(tl.int64) * stride_gc)[None, :],
+                 g.to(G.dtype.element_ty), mask=live[:, None] & (cols < C)[None, :])
+
+
 def softmax_focal_fwd(logits, target, alpha, grad_scale, ignore_index, gamma, compute_grad):
     """Launch on logits [N, C, D] and target [N*D] int64; same contract as the C++ op."""
     N, C, D = logits.shape
@@ -135,8 +188,22 @@ def softmax_focal_fwd(logits, target, alpha, grad_scale, ignore_index, gamma, co
     if rows == 0:
         return loss, grad
     g = grad if compute_grad else logits
-    block, num_warps = row_block(C)
+    tiles = rows_block(C, rows)
     with device_guard(logits):
+        if tiles is not None:
+            n_per, block, num_warps = tiles
+            _softmax_focal_fwd_rows_kernel[(triton.cdiv(rows, n_per),)](
+                logits, *logits.stride(), D,
+                target, alpha if alpha is not None else loss,
+                grad_scale if grad_scale is not None else loss, loss,
+                g, *g.stride(),
+                rows, C, ignore_index, float(gamma),
+                HAS_ALPHA=alpha is not None, HAS_GRAD_SCALE=grad_scale is not None,
+                COMPUTE_GRAD=compute_grad, GAMMA_MODE=gamma_mode(gamma),
+                ACC=tl_acc(logits.dtype), ROWS=n_per, BLOCK=block, num_warps=num_warps,
+            )
+            return loss, grad
+        block, num_warps = row_block(C)
         _softmax_focal_fwd_kernel[(rows,)](
             logits, *logits.stride(), D,
             target, alpha if alpha is not None else loss,
@@ -144,6 +211,7 @@ def softmax_focal_fwd(logits, target, alpha, grad_scale, ignore_index, gamma, co
             g, *g.stride(),
             C, ignore_index, float(gamma),
             HAS_ALPHA=alpha is not None, HAS_GRAD_SCALE=grad_scale is not None,
-            COMPUTE_GRAD=compute_grad, ACC=tl_acc(logits.dtype), BLOCK=block, num_warps=num_warps,
+            COMPUTE_GRAD=compute_grad, GAMMA_MODE=gamma_mode(gamma), ACC=tl_acc(logits.dtype),
+            BLOCK=block, num_warps=num_warps,
         )
     return loss, grad

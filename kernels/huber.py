@@ -23,15 +23,15 @@ def _huber_kernel(
     SMOOTH_L1: tl.constexpr,
     HAS_W: tl.constexpr, HAS_PW: tl.constexpr, REDUCTION: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr, ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, CONTIG: tl.constexpr, GO_SCALAR: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < numel
-    i0, i1, i2, i3 = coords4(idx, D1, D2, D3)
-    x = load4(X, i0, i1, i2, i3, sx0, sx1, sx2, sx3, mask, ACC)
-    y = load4(Y, i0, i1, i2, i3, sy0, sy1, sy2, sy3, mask, ACC)
-    w = load4(W, i0, i1, i2, i3, sw0, sw1, sw2, sw3, mask, ACC) if HAS_W else 1.0
+    i0, i1, i2, i3 = coords4(idx, D1, D2, D3, CONTIG)
+    x = load4(X, i0, i1, i2, i3, sx0, sx1, sx2, sx3, mask, ACC, CONTIG)
+    y = load4(Y, i0, i1, i2, i3, sy0, sy1, sy2, sy3, mask, ACC, CONTIG)
+    w = load4(W, i0, i1, i2, i3, sw0, sw1, sw2, sw3, mask, ACC, CONTIG) if HAS_W else 1.0
     t = float_arg(delta, ACC)
     if SMOOTH_L1:
         k = tl.where(t > 0, 1.0 / tl.where(t > 0, t, 1.0), 0.0)
@@ -46,7 +46,7 @@ def _huber_kernel(
     loss = w * tl.where(quad, 0.5 * k * d * d, m * (ad - 0.5 * t))
     gx = w * tl.where(quad, k * d, m * sgn)
     finish(LOSS, GX, GY, GO, pid, idx, i0, i1, i2, i3, sg0, sg1, sg2, sg3, mask, loss, gx,
-           -gx, numel, REDUCTION, COMPUTE_LOSS, GRAD_X, GRAD_Y, ACC)
+           -gx, numel, REDUCTION, COMPUTE_LOSS, GRAD_X, GRAD_Y, ACC, CONTIG, GO_SCALAR)
 
 
 def _check_delta(delta, smooth_l1):

@@ -293,3 +293,45 @@ def test_reference_backend(monkeypatch, reduction):
           pos_weight=torch.rand(4, dtype=torch.float64) * 2)
     x, y = make((5, 6), torch.bfloat16, "cpu")
     check(x, y, reduction=reduction)
+
+
+def spy_paths(monkeypatch, module, name):
+    """Record (CONTIG, GO_SCALAR) of each launch of module.name (a Triton element-wise kernel)."""
+    real, seen = getattr(module, name), []
+
+    class Spy:
+        arg_names = real.arg_names
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((kw["CONTIG"], kw["GO_SCALAR"]))
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(module, name, Spy())
+    return seen
+
+
+def test_contiguous_and_strided_paths(monkeypatch):
+    """The Triton kernel takes the flat-index path only when every operand is one contiguous run
+    (grad_out of a reduced loss: a scalar loaded once), and each path gives torch's values."""
+    from fusedloss.kernels import bce as kbce
+    monkeypatch.setattr(fusedloss._backend, "_ENV", "triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    seen = spy_paths(monkeypatch, kbce, "_bce_kernel")
+    x, y = make((6, 10), torch.float32, dev)
+    w_full = torch.rand(6, 10, device=dev)
+    cases = [  # (inputs and kwargs, expected (CONTIG, GO_SCALAR) of forward then backward)
+        ((x, y, None, dict(reduction="none", weight=w_full)), [(True, False), (True, False)]),
+        ((x, y, None, dict(reduction="mean")), [(True, False), (True, True)]),
+        ((x, y, None, dict(reduction="sum", weight=torch.rand(10, device=dev))),
+         [(False, False), (False, True)]),  # broadcast weight: stride 0
+        ((x.t(), y.t(), None, {}), [(False, False), (False, True)]),
+        # contiguous operands, transposed grad_out: backward strided
+        ((x, y, torch.randn(10, 6, device=dev).t(), dict(reduction="none")),
+         [(True, False), (False, False)]),
+    ]
+    for (xx, yy, go, kw), want in cases:
+        seen.clear()
+        check(xx, yy, grad_out=go, **kw)
+        assert seen == want, (kw, seen)

@@ -439,3 +439,46 @@ def test_target_out_of_range(backend, value, shape):
     with pytest.raises(IndexError, match=f"target {value} is out of bounds"):
         cross_entropy(x, t, label_smoothing=0.1, reduction="none")
     cross_entropy(x, t, ignore_index=value)  # ignored: no error
+
+
+@pytest.mark.parametrize("path", ["rows", "row"])
+def test_rows_per_program_paths(monkeypatch, path):
+    """Triton: small C runs several rows per program ([ROWS, BLOCK] tiles, with a partial last
+    tile), wide C one row per program; both give the reference on every option, with per-row and
+    scalar grad_output, (N, C, d) inputs and in-place backward. Each run is made to take `path`:
+    the other path's kernels raise if launched."""
+    from fusedloss.kernels import _common, cross_entropy as kce
+    monkeypatch.setattr(fusedloss._backend, "_ENV", "triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+
+    class Forbidden:
+        def __getitem__(self, grid):
+            raise AssertionError(f"the {path} path launched the other path's kernel")
+
+    if path == "row":
+        monkeypatch.setattr(_common, "ROWS_MAX_C", 0)
+        names = ["_cross_entropy_fwd_rows_kernel", "_cross_entropy_bwd_rows_kernel"]
+    else:
+        names = ["_cross_entropy_fwd_kernel", "_cross_entropy_bwd_kernel"]
+    for name in names:
+        monkeypatch.setattr(kce, name, Forbidden())
+    torch.manual_seed(0)
+    for n, C in [(37, 10), (70, 100), (5, 1), (3, 2048)]:  # partial last tiles
+        x = randn(n, C, device=dev)
+        t = torch.randint(0, C, (n,), device=dev)
+        t[1] = -100
+        w = torch.rand(C, device=dev)
+        for kw in [{}, dict(weight=w, label_smoothing=0.2, z_loss=1e-2),
+                   dict(label_smoothing=0.1, reduction="sum"), dict(weight=w, reduction="none")]:
+            go = torch.randn(n, device=dev) if kw.get("reduction") == "none" else None
+            check(x, t, grad_out=go, **kw)
+    x3, t3 = randn(3, 7, 5, device=dev), torch.randint(0, 7, (3, 5), device=dev)
+    check(x3.transpose(0, 2).contiguous().transpose(0, 2), t3, reduction="none",
+          grad_out=torch.randn(3, 5, device=dev), weight=torch.rand(7, device=dev),
+          label_smoothing=0.3)
+    xa = randn(40, 33, device=dev).requires_grad_(True)
+    t = torch.randint(0, 33, (40,), device=dev)
+    (gr,) = torch.autograd.grad(cross_entropy(xa, t, label_smoothing=0.1), xa)
+    logits = xa * 1.0
+    cross_entropy(logits, t, label_smoothing=0.1, inplace_backward=True).backward()
+    torch.testing.assert_close(xa.grad, gr, atol=1e-6, rtol=1e-5)

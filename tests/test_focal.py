@@ -514,3 +514,27 @@ def test_sigmoid_torchvision_errors():
         sigmoid_focal_loss(x, y, reduction="avg")
     with pytest.raises(TypeError, match="alpha must be a real number"):
         sigmoid_focal_loss(x, y, alpha="0.25")
+
+
+@pytest.mark.parametrize("path", ["rows", "row"])
+def test_softmax_rows_per_program_paths(monkeypatch, path):
+    """Triton softmax focal with several rows per program (small C) and with one row per program
+    (forced): confident rows, gamma 0 = cross-entropy, ignore_index and alpha, gradcheck. The
+    other path's kernel raises if launched."""
+    from conftest import Backend
+    from fusedloss.kernels import _common, focal as kfocal
+    monkeypatch.setattr(fusedloss._backend, "_ENV", "triton")
+    be = Backend("triton", "triton", "cuda" if torch.cuda.is_available() else "cpu")
+
+    class Forbidden:
+        def __getitem__(self, grid):
+            raise AssertionError(f"the {path} path launched the other path's kernel")
+
+    if path == "row":
+        monkeypatch.setattr(_common, "ROWS_MAX_C", 0)
+    name = "_softmax_focal_fwd_rows_kernel" if path == "row" else "_softmax_focal_fwd_kernel"
+    monkeypatch.setattr(kfocal, name, Forbidden())
+    test_softmax_confident_rows_elementwise(be, 30.0)
+    test_softmax_gamma0_is_cross_entropy(be, "none")
+    test_softmax_ignore_index_alpha(be, (2, 5, 3, 2), "none")
+    test_softmax_gradcheck(be)

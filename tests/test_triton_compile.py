@@ -117,6 +117,12 @@ if hasattr(F, "binary_cross_entropy_with_logits"):
                        (F.smooth_l1_loss, dict(beta=1.0)), (F.huber_loss, dict(reduction="none"))]:
             grad_of(lambda x, y: fn(x, y, **kw), x, y)
         grad_of(lambda x, y: F.huber_loss(x, y), torch.randn(6, 1, 5, dtype=dt), torch.randn(3, 1, dtype=dt))
+        # contiguous (CONTIG) and strided paths; grad_out scalar, contiguous and transposed
+        xt = x.detach().t().contiguous().t().requires_grad_(True)
+        xc = x.detach().requires_grad_(True)
+        for fn in (F.binary_cross_entropy_with_logits, F.huber_loss):
+            fn(xc, y, weight=torch.rand(6, 5), reduction="none").backward(torch.randn(5, 6, dtype=dt).t())
+            fn(xt, y.t().contiguous().t(), reduction="none").backward(torch.randn(6, 5, dtype=dt))
 if hasattr(F, "sigmoid_focal_loss"):
     for dt in each():
         x = torch.randn(6, 5, dtype=dt); y = (torch.rand(6, 5) > 0.5).to(dt)
@@ -128,6 +134,10 @@ if hasattr(F, "sigmoid_focal_loss"):
             for kw in [{}, dict(gamma=0.5, alpha=torch.rand(5)), dict(gamma=0.0, reduction="none"),
                        dict(alpha=0.25, reduction="sum")]:
                 grad_of(lambda x: F.softmax_focal_loss(x, t, **kw), x)
+        # wide rows: one row per program (above, C = 5: several rows per program)
+        x = torch.randn(2, 3000, dtype=dt); t = torch.randint(0, 3000, (2,))
+        for kw in [{}, dict(gamma=0.5, alpha=torch.rand(3000))]:
+            grad_of(lambda x: F.softmax_focal_loss(x, t, **kw), x)
 if hasattr(F, "linear_cross_entropy"):  # launches the cross-entropy kernels on logits blocks
     for dt in each():
         x = torch.randn(5, 8, dtype=dt); W = torch.randn(300, 8, dtype=dt); b = torch.randn(300, dtype=dt)
