@@ -20,6 +20,8 @@ def newest_rows(path):
     rows = OrderedDict()
     with open(path) as f:
         for r in csv.DictReader(f):
+            if r.get("thp") == "on":  # huge-page runs are their own cases (see bench/_common.py)
+                r["case"] += " THP"
             rows[(r["loss"], r["device"], r["case"], r["provider"])] = r
     return list(rows.values())
 
