@@ -75,7 +75,7 @@ if torch is not None:
     cmdclass["build_ext"] = BuildExt
     ext_modules.append(CppExtension(
         "fusedloss._C", sorted(glob.glob("csrc/*.cpp")), extra_compile_args=ext.CXX_FLAGS,
-        py_limited_api=False))
+        extra_link_args=ext.LD_FLAGS, py_limited_api=False))
 
 with ext.ninja_on_path():  # BuildExtension looks for ninja when it is created
     setup(

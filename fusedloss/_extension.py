@@ -24,14 +24,17 @@ import time
 import warnings
 from pathlib import Path
 
-# -O3. -fopenmp-simd: honour `#pragma omp simd` without linking an OpenMP runtime; threading goes
-# through at::parallel_for (torch's own pool). -fno-trapping-math: nothing here reads FP exception
+# -O3. -fopenmp: at::parallel_for is an inline template that parallelises only where _OPENMP is
+# defined (torch's CPU build uses OpenMP); without it every C++ kernel ran on one thread. The
+# library then needs libgomp.so.1, which resolves to the copy torch has already loaded, so it
+# shares torch's thread pool and torch.set_num_threads. -fno-trapping-math: nothing here reads FP exception
 # flags, and without it gcc does not vectorise the selects and min/max in fast_exp outside the
 # AVX-512 clone. No -std: torch's build helpers add the one its headers need (C++20 for torch
 # 2.13); a different one after it draws warnings from those headers. No -march: csrc/common.h
 # compiles the hot loops for several ISAs (target_clones) and picks one at run time, so one build
 # runs on any x86-64.
-CXX_FLAGS = ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
+LD_FLAGS = ["-fopenmp"]
 STAMP = "_C.build.json"  # beside the library: {"torch": version, "sources": hash, "python": tag}
 JIT_NAME = "fusedloss_C"
 
@@ -80,7 +83,7 @@ def source_files(csrc) -> "list[Path]":
 
 def source_hash(csrc) -> str:
     """sha256 over the compile flags and each source file's name and contents."""
-    h = hashlib.sha256(json.dumps(CXX_FLAGS).encode())
+    h = hashlib.sha256(json.dumps(CXX_FLAGS + LD_FLAGS).encode())
     for f in source_files(csrc):
         data = f.read_bytes()
         h.update(f"{f.name}\0{len(data)}\0".encode())
@@ -183,7 +186,8 @@ def _compile_and_load(csrc: Path, torch_version: str) -> str:
     with ninja_on_path():
         # Loads the library too (torch.ops.load_library), which registers the ops.
         cpp_extension.load(name=JIT_NAME, sources=[str(u) for u in units],
-                           extra_cflags=CXX_FLAGS, extra_include_paths=[str(csrc)],
+                           extra_cflags=CXX_FLAGS, extra_ldflags=LD_FLAGS,
+                           extra_include_paths=[str(csrc)],
                            build_directory=str(build_dir), is_python_module=False, verbose=False)
     done.write_text(json.dumps(stamp(csrc, torch_version)))
     say(f"fusedloss: compiled in {time.perf_counter() - t0:.0f} s")
