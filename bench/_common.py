@@ -141,10 +141,15 @@ def time_ms(fn, device):
         return tuple(q)
     from torch.utils import benchmark
 
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0)
+    # torch.utils.benchmark.Timer runs on ONE thread unless told otherwise (num_threads=1): the
+    # figures before 2026-12-01's second run were single-threaded for every provider.
+    threads = torch.get_num_threads()
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn},
+                        num_threads=threads).blocked_autorange(min_run_time=1.0)
     times = sorted(t * 1e3 for t in m.times)
     if len(times) < 3:  # few blocks for slow calls: take a few more single runs
-        times = sorted(times + [t * 1e3 for t in benchmark.Timer(stmt="fn()", globals={"fn": fn})
+        times = sorted(times + [t * 1e3 for t in benchmark.Timer(stmt="fn()", globals={"fn": fn},
+                                                                 num_threads=threads)
                                 .timeit(1).times for _ in range(3)])
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
     return statistics.median(times), q[1], q[7]
