@@ -78,3 +78,13 @@ def assert_rel(actual, expected, rtol, what):
     bound = rtol * expected.abs() + 2e-38
     worst = (err / bound).max().item()
     assert worst <= 1.0, f"{what}: worst element at {worst:.3g} x the bound {rtol} (relative)"
+
+
+def assert_compiled_matches_eager(step, args, param):
+    """torch.compile(step, fullgraph=True) (no graph break through the ops) gives eager's value
+    of step(*args) and eager's gradient with respect to param."""
+    (g_eager,) = torch.autograd.grad(step(*args), param)
+    out = torch.compile(step, fullgraph=True)(*args)
+    (g,) = torch.autograd.grad(out, param)
+    torch.testing.assert_close(out, step(*args))
+    torch.testing.assert_close(g, g_eager)

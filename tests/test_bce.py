@@ -8,6 +8,7 @@ from torch.library import opcheck
 import fusedloss
 from fusedloss._elementwise import view4
 from fusedloss.functional import binary_cross_entropy_with_logits as bce
+from conftest import assert_compiled_matches_eager
 
 ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 SHAPES = [(), (7,), (5, 6), (2, 3, 4, 5)]
@@ -275,12 +276,7 @@ def test_compile_fullgraph():
         return loss_fn(lin(h), t)
 
     h, t = torch.randn(16, 8), torch.rand(16, 6)
-    (g_eager,) = torch.autograd.grad(step(h, t), lin.weight)
-    compiled = torch.compile(step, fullgraph=True)
-    out = compiled(h, t)
-    (g,) = torch.autograd.grad(out, lin.weight)
-    torch.testing.assert_close(out, step(h, t))
-    torch.testing.assert_close(g, g_eager)
+    assert_compiled_matches_eager(step, (h, t), lin.weight)
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])

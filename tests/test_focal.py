@@ -14,7 +14,7 @@ import fusedloss
 from fusedloss import _backend
 from fusedloss.functional import cross_entropy, sigmoid_focal_loss, softmax_focal_loss
 from fusedloss.reference import torchvision_sigmoid_focal_loss
-from conftest import MARGINS, assert_rel, confident_rows
+from conftest import MARGINS, assert_compiled_matches_eager, assert_rel, confident_rows
 
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 GRID = [1e-3, 5.0, 17.0, 20.0, 60.0, 110.0]
@@ -461,13 +461,7 @@ def test_compile_fullgraph():
     t = torch.randint(0, 5, (2, 3, 3))
     t[0, 0, 0] = -1
     y = (torch.rand(2, 5, 3, 3) > 0.8).float()
-    compiled = torch.compile(step, fullgraph=True)
-    out = compiled(h, t, y)
-    (g_comp,) = torch.autograd.grad(out, conv.weight)
-    ref = step(h, t, y)
-    (g_eager,) = torch.autograd.grad(ref, conv.weight)
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(g_comp, g_eager)
+    assert_compiled_matches_eager(step, (h, t, y), conv.weight)
 
 
 def test_fp64_options_exact(backend):
