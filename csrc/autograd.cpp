@@ -10,7 +10,6 @@
 // ops do not cover (probability targets, inplace_backward, broadcast operands, other backends).
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/ne.h>
 #include <ATen/ops/sum.h>
@@ -160,11 +159,9 @@ class CrossEntropyFn : public torch::autograd::Function<CrossEntropyFn> {
       if (denom_host != 0) scale = scale.div(denom_host);
     }
     static auto bwd = typed_op<CeBwd>("fusedloss::cross_entropy_bwd");
-    const Tensor grad = bwd.call(dense(scale), rows3d(input),
-                                         ctx->saved_data["t"].toTensor(), lse,
-                                         ctx->saved_data["w"].toOptional<Tensor>(),
-                                         std::get<0>(options), std::get<1>(options),
-                                         std::get<2>(options));
+    const Tensor grad = bwd.call(dense(scale), rows3d(input), ctx->saved_data["t"].toTensor(), lse,
+                                 ctx->saved_data["w"].toOptional<Tensor>(), std::get<0>(options),
+                                 std::get<1>(options), std::get<2>(options));
     grads[0] = grad.view_symint(input.sym_sizes());
     return grads;
   }
@@ -201,7 +198,7 @@ using HuberBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const 
                                             const optional<Tensor>&, double, bool, int64_t, bool,
                                             bool);
 
-constexpr int64_t kBce = 0, kHuber = 1;
+constexpr int64_t kBce = 0;  // the other kind, 1, is Huber / SmoothL1
 
 // The kernels take 4-d views; a contiguous tensor is one run.
 Tensor flat4(const Tensor& t) { return t.reshape_symint({1, 1, 1, t.sym_numel()}); }
