@@ -1,10 +1,13 @@
 """Per-call overhead: forward+backward of a 32x10 batch for each drop-in loss, fusedloss next to
-torch in one process, one thread, thread CPU time (robust to other processes on a shared machine),
-medians of 7 x 2000 calls. At this size a loss's time is Python, dispatch and autograd overhead.
+torch in one process, one thread, thread CPU time (robust to other processes on a shared machine).
+Providers are interleaved: each round times a block of calls of torch, then of fusedloss; the
+ratio is the median over rounds of the per-round ratios (a slow spell hits both sides of a round).
+At this size a loss's time is Python, dispatch and autograd overhead.
 
-    python bench/bench_small_batch.py [label]    # prints one line; run it alternately on two trees
+    python bench/bench_small_batch.py [label] [--rounds R] [--calls N]
 """
-import sys
+import argparse
+import statistics
 import time
 
 import torch
@@ -15,33 +18,47 @@ import fusedloss
 FL = fusedloss.functional
 
 
-def per_call_us(fn, x0, target, n=2000):
-    runs = []
-    for _ in range(7):
-        t0 = time.thread_time()
-        for _ in range(n):
-            x = x0.detach().requires_grad_()
-            fn(x, target).backward()
-        runs.append((time.thread_time() - t0) / n * 1e6)
-    return sorted(runs)[3]
+def block_us(fn, x0, target, n):
+    t0 = time.thread_time()
+    for _ in range(n):
+        x = x0.detach().requires_grad_()
+        fn(x, target).backward()
+    return (time.thread_time() - t0) / n * 1e6
 
 
 def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("label", nargs="?", default="")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--calls", type=int, default=1000)
+    args = p.parse_args()
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(32, 10, generator=g)
     t = torch.randint(0, 10, (32,), generator=g)
     y = torch.rand(32, 10, generator=g)
+    pw = torch.rand(10, generator=g) + 0.5
     cases = [("cross_entropy", F.cross_entropy, FL.cross_entropy, t),
+             ("cross_entropy_ls", lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1),
+              lambda x, t: FL.cross_entropy(x, t, label_smoothing=0.1), t),
              ("bce_with_logits", F.binary_cross_entropy_with_logits,
               FL.binary_cross_entropy_with_logits, y),
+             ("bce_pos_weight", lambda x, y: F.binary_cross_entropy_with_logits(x, y, pos_weight=pw),
+              lambda x, y: FL.binary_cross_entropy_with_logits(x, y, pos_weight=pw), y),
              ("huber", F.huber_loss, FL.huber_loss, y),
              ("smooth_l1", F.smooth_l1_loss, FL.smooth_l1_loss, y)]
     out = []
     for name, theirs, ours, target in cases:
-        a, b = per_call_us(theirs, x0, target), per_call_us(ours, x0, target)
-        out.append(f"{name} torch={a:.0f}us fusedloss={b:.0f}us ratio={b / a:.2f}")
-    print(sys.argv[1] if len(sys.argv) > 1 else "", " | ".join(out), flush=True)
+        block_us(theirs, x0, target, args.calls)  # warm-up
+        block_us(ours, x0, target, args.calls)
+        a, b = [], []
+        for _ in range(args.rounds):
+            a.append(block_us(theirs, x0, target, args.calls))
+            b.append(block_us(ours, x0, target, args.calls))
+        ratio = statistics.median(y / x for x, y in zip(a, b))
+        out.append(f"{name} torch={statistics.median(a):.0f}us "
+                   f"fusedloss={statistics.median(b):.0f}us ratio={ratio:.2f}")
+    print(args.label, " | ".join(out), flush=True)
 
 
 if __name__ == "__main__":

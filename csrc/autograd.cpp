@@ -15,7 +15,9 @@
 #include <ATen/ops/sum.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/where.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -26,7 +28,6 @@ namespace {
 
 using at::Tensor;
 using c10::optional;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // t in dtype d / contiguous, without calling an op that would return t itself (ops below autograd
@@ -121,48 +122,73 @@ CEForward ce_forward(const Tensor& input, const Tensor& target, const optional<T
   return f;
 }
 
-class CrossEntropyFn : public torch::autograd::Function<CrossEntropyFn> {
- public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target,
-                        const optional<Tensor>& weight, int64_t reduction, int64_t ignore_index,
-                        double label_smoothing, double z_loss, at::ScalarType out_dtype) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    CEForward f = ce_forward(input, target, weight, reduction, ignore_index, label_smoothing,
-                             z_loss, out_dtype);
-    ctx->save_for_backward({input});
-    ctx->saved_data["t"] = f.t;
-    ctx->saved_data["lse"] = f.lse;
-    ctx->saved_data["denom"] = f.denom;
-    ctx->saved_data["denom_host"] = f.denom_host;
-    ctx->saved_data["w"] = f.w;
-    ctx->saved_data["options"] = std::make_tuple(ignore_index, label_smoothing, z_loss);
-    return f.out;
+// The checks the Python functional makes, for the op's own callers and for its fast path (which
+// calls this op first and, if it raises, takes the full Python path for torch's error message).
+void check_ce(const Tensor& input, const Tensor& target, const optional<Tensor>& weight,
+              int64_t reduction, double label_smoothing, double z_loss) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()) && input.dim() >= 1,
+              "fusedloss::cross_entropy: input must be a floating tensor (C,), (N, C) or (N, C, ...)");
+  const int64_t C = input.dim() == 1 ? input.size(0) : input.size(1);
+  TORCH_CHECK(C >= 1, "fusedloss::cross_entropy: input has no class");
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte,
+              "fusedloss::cross_entropy: target must hold int64 (or uint8) class indices");
+  bool shape_ok = target.dim() == std::max<int64_t>(input.dim() - 1, 0);
+  for (int64_t i = 0; shape_ok && i < target.dim(); ++i)
+    shape_ok = target.size(i) == input.size(i == 0 ? 0 : i + 1);
+  TORCH_CHECK(shape_ok, "fusedloss::cross_entropy: target must have the input's shape without C");
+  TORCH_CHECK(target.device() == input.device(), "fusedloss::cross_entropy: target's device");
+  if (weight.has_value() && weight->defined())
+    TORCH_CHECK(at::isFloatingType(weight->scalar_type()) && weight->dim() == 1 &&
+                    weight->size(0) == C && weight->device() == input.device(),
+                "fusedloss::cross_entropy: weight must be a floating (C,) vector on input's device");
+  TORCH_CHECK(reduction >= 0 && reduction <= 2 && label_smoothing >= 0 && label_smoothing <= 1 &&
+                  z_loss >= 0,
+              "fusedloss::cross_entropy: reduction, label_smoothing or z_loss out of range");
+}
+
+// Backward of fusedloss::cross_entropy, written as an autograd Node (rather than a
+// torch::autograd::Function, whose string-keyed saved_data and generic output wrapping cost
+// more than a small batch's whole loss).
+struct CrossEntropyBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable input;
+  CEForward f;
+  int64_t ignore_index = 0;
+  double label_smoothing = 0, z_loss = 0;
+
+  std::string name() const override { return "fusedloss::CrossEntropyBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input.reset_data();
+    f = CEForward();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads(8);
+  variable_list apply(variable_list&& grad_outputs) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list grads(2);  // input, weight (which gets none, as in torch)
     const Tensor& go = grad_outputs[0];
-    if (!go.defined() || !ctx->needs_input_grad(0)) return grads;
-    const Tensor input = ctx->get_saved_variables()[0];
-    const Tensor lse = ctx->saved_data["lse"].toTensor();
-    const Tensor denom = ctx->saved_data["denom"].toTensor();
-    const auto options = ctx->saved_data["options"].to<std::tuple<int64_t, double, double>>();
+    if (!go.defined() || !task_should_compute_output(0)) return grads;
+    const Tensor x = input.unpack();  // (raises after release_variables, or if x was modified)
     // grad_output (one per row for 'none'), times 1/sum of weights for mean, in the acc dtype.
     Tensor scale;
-    const double denom_host = ctx->saved_data["denom_host"].toDouble();
-    if (plain_cpu(go) && go.numel() == 1) {  // a number on the CPU: no tensor ops
-      const double g = go.item<double>();
-      scale = at::scalar_tensor(denom_host != 0 ? g / denom_host : g, lse.options()).reshape({1});
+    if (plain_cpu(go) && go.numel() == 1) {  // a number on the CPU: read it, no tensor ops
+      double g = 0;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "ce_go", [&] {
+        g = static_cast<double>(*go.const_data_ptr<scalar_t>());
+      });
+      scale = at::empty({1}, f.lse.options());
+      AT_DISPATCH_FLOATING_TYPES(scale.scalar_type(), "ce_scale", [&] {
+        *scale.data_ptr<scalar_t>() = static_cast<scalar_t>(f.denom_host != 0 ? g / f.denom_host : g);
+      });
     } else {
-      scale = cast(go.reshape(-1), lse.scalar_type());
-      if (denom.defined()) scale = scale.div(denom);
-      if (denom_host != 0) scale = scale.div(denom_host);
+      scale = cast(go.reshape(-1), f.lse.scalar_type());
+      if (f.denom.defined()) scale = scale.div(f.denom);
+      if (f.denom_host != 0) scale = scale.div(f.denom_host);
+      scale = dense(scale);
     }
     static auto bwd = typed_op<CeBwd>("fusedloss::cross_entropy_bwd");
-    const Tensor grad = bwd.call(dense(scale), rows3d(input), ctx->saved_data["t"].toTensor(), lse,
-                                 ctx->saved_data["w"].toOptional<Tensor>(), std::get<0>(options),
-                                 std::get<1>(options), std::get<2>(options));
-    grads[0] = grad.view_symint(input.sym_sizes());
+    const Tensor grad = bwd.call(scale, rows3d(x), f.t, f.lse, f.w, ignore_index,
+                                 label_smoothing, z_loss);
+    grads[0] = grad.view_symint(x.sym_sizes());
     return grads;
   }
 };
@@ -171,8 +197,26 @@ Tensor cross_entropy_autograd(const Tensor& input, const Tensor& target,
                               const optional<Tensor>& weight, int64_t reduction,
                               int64_t ignore_index, double label_smoothing, double z_loss,
                               at::ScalarType out_dtype) {
-  return CrossEntropyFn::apply(input, target, weight, reduction, ignore_index, label_smoothing,
-                               z_loss, out_dtype);
+  check_ce(input, target, weight, reduction, label_smoothing, z_loss);
+  CEForward f;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    f = ce_forward(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
+                   out_dtype);
+  }
+  Tensor out = f.out;
+  if (torch::autograd::compute_requires_grad(input, weight)) {
+    auto node = c10::make_intrusive<CrossEntropyBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(input, weight));
+    node->input = torch::autograd::SavedVariable(input, false);
+    node->ignore_index = ignore_index;
+    node->label_smoothing = label_smoothing;
+    node->z_loss = z_loss;
+    f.out = Tensor();
+    node->f = std::move(f);
+    torch::autograd::set_history(out, node);
+  }
+  return out;
 }
 
 // Below autograd (inference mode, tracing): the forward alone.
@@ -180,6 +224,7 @@ Tensor cross_entropy_plain(const Tensor& input, const Tensor& target,
                            const optional<Tensor>& weight, int64_t reduction,
                            int64_t ignore_index, double label_smoothing, double z_loss,
                            at::ScalarType out_dtype) {
+  check_ce(input, target, weight, reduction, label_smoothing, z_loss);
   return ce_forward(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
                     out_dtype)
       .out;
@@ -200,12 +245,39 @@ using HuberBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const 
 
 constexpr int64_t kBce = 0;  // the other kind, 1, is Huber / SmoothL1
 
-// The kernels take 4-d views; a contiguous tensor is one run.
-Tensor flat4(const Tensor& t) { return t.reshape_symint({1, 1, 1, t.sym_numel()}); }
+// The kernels take 4-d views of one shape: contiguous operands as one run, others (up to 4 dims)
+// with their own strides, leading dims of 1 added; more dims are copied to contiguous first.
+Tensor view4(const Tensor& t, bool flat) {
+  if (flat) return t.reshape_symint({1, 1, 1, t.sym_numel()});  // (a view, or a copy if strided)
+  Tensor v = t.dim() <= 4 ? t : t.contiguous();
+  if (v.dim() > 4) return v.view_symint({1, 1, 1, v.sym_numel()});
+  while (v.dim() < 4) v = v.unsqueeze(0);
+  return v;
+}
+
+bool flat_layout(const Tensor& x, const Tensor& y) {
+  return (x.is_contiguous() && y.is_contiguous()) || x.dim() > 4;
+}
+
+void check_ew(int64_t kind, const Tensor& input, const Tensor& target, double delta,
+              bool smooth_l1, int64_t reduction, at::ScalarType out_dtype) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()) &&
+                  target.scalar_type() == input.scalar_type() &&
+                  input.sizes() == target.sizes() && input.device() == target.device(),
+              "fusedloss::elementwise_loss: input and target must be floating tensors of one "
+              "shape, dtype and device");
+  TORCH_CHECK((kind == kBce || kind == 1) && reduction >= 0 && reduction <= 2,
+              "fusedloss::elementwise_loss: kind or reduction out of range");
+  TORCH_CHECK(kind == kBce || (smooth_l1 ? delta >= 0 : delta > 0),
+              "fusedloss::elementwise_loss: delta (beta) out of range");
+  TORCH_CHECK(reduction != 0 || out_dtype == input.scalar_type(),
+              "fusedloss::elementwise_loss: reduction 'none' returns the input's dtype");
+}
 
 Tensor ew_forward(int64_t kind, const Tensor& input, const Tensor& target, double delta,
                   bool smooth_l1, int64_t reduction, at::ScalarType out_dtype) {
-  const Tensor x4 = flat4(input), y4 = flat4(target);
+  const bool flat = flat_layout(input, target);
+  const Tensor x4 = view4(input, flat), y4 = view4(target, flat);
   Tensor loss;
   if (kind == kBce) {
     static auto fwd = typed_op<EwFwd>("fusedloss::bce_fwd");
@@ -217,55 +289,71 @@ Tensor ew_forward(int64_t kind, const Tensor& input, const Tensor& target, doubl
   return cast(reduction == 0 ? loss.view_symint(input.sym_sizes()) : loss, out_dtype);
 }
 
-class ElementwiseFn : public torch::autograd::Function<ElementwiseFn> {
- public:
-  static Tensor forward(AutogradContext* ctx, int64_t kind, const Tensor& input,
-                        const Tensor& target, double delta, bool smooth_l1, int64_t reduction,
-                        at::ScalarType out_dtype) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({input, target});
-    ctx->saved_data["kind"] = kind;
-    ctx->saved_data["delta"] = delta;
-    ctx->saved_data["smooth_l1"] = smooth_l1;
-    ctx->saved_data["reduction"] = reduction;
-    return ew_forward(kind, input, target, delta, smooth_l1, reduction, out_dtype);
+// Backward of fusedloss::elementwise_loss as an autograd Node (see CrossEntropyBackward).
+struct ElementwiseBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable input, target;
+  int64_t kind = 0, reduction = 0;
+  double delta = 0;
+  bool smooth_l1 = false;
+
+  std::string name() const override { return "fusedloss::ElementwiseLossBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input.reset_data();
+    target.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads(7);
+  variable_list apply(variable_list&& grad_outputs) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list grads(2);
     const Tensor& go = grad_outputs[0];
-    // needs_input_grad counts tensor arguments only: 0 input, 1 target.
-    const bool gi = ctx->needs_input_grad(0), gt = ctx->needs_input_grad(1);
+    const bool gi = task_should_compute_output(0), gt = task_should_compute_output(1);
     if (!go.defined() || !(gi || gt)) return grads;
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &y = saved[1];
-    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const Tensor x = input.unpack(), y = target.unpack();
+    const bool flat = flat_layout(x, y);
     // A full-shape grad_output for 'none', a 0-dim one (expanded: no copy) otherwise.
-    const Tensor go4 = flat4(cast(go, x.scalar_type()).expand_symint(x.sym_sizes()));
+    const Tensor go4 = view4(cast(go, x.scalar_type()).expand_symint(x.sym_sizes()), flat);
     Tensor gx, gy;
-    if (ctx->saved_data["kind"].toInt() == kBce) {
+    if (kind == kBce) {
       static auto bwd = typed_op<EwBwd>("fusedloss::bce_bwd");
-      std::tie(gx, gy) = bwd.call(go4, flat4(x), flat4(y), c10::nullopt, c10::nullopt,
-                                  reduction, gi, gt);
+      std::tie(gx, gy) = bwd.call(go4, view4(x, flat), view4(y, flat), c10::nullopt,
+                                  c10::nullopt, reduction, gi, gt);
     } else {
       static auto bwd = typed_op<HuberBwd>("fusedloss::huber_bwd");
-      std::tie(gx, gy) = bwd.call(go4, flat4(x), flat4(y), c10::nullopt,
-                                  ctx->saved_data["delta"].toDouble(),
-                                  ctx->saved_data["smooth_l1"].toBool(), reduction, gi, gt);
+      std::tie(gx, gy) = bwd.call(go4, view4(x, flat), view4(y, flat), c10::nullopt, delta,
+                                  smooth_l1, reduction, gi, gt);
     }
-    if (gi) grads[1] = gx.view_symint(x.sym_sizes());
-    if (gt) grads[2] = gy.view_symint(y.sym_sizes());
+    if (gi) grads[0] = gx.view_symint(x.sym_sizes());
+    if (gt) grads[1] = gy.view_symint(y.sym_sizes());
     return grads;
   }
 };
 
 Tensor elementwise_autograd(int64_t kind, const Tensor& input, const Tensor& target, double delta,
                             bool smooth_l1, int64_t reduction, at::ScalarType out_dtype) {
-  return ElementwiseFn::apply(kind, input, target, delta, smooth_l1, reduction, out_dtype);
+  check_ew(kind, input, target, delta, smooth_l1, reduction, out_dtype);
+  Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = ew_forward(kind, input, target, delta, smooth_l1, reduction, out_dtype);
+  }
+  if (torch::autograd::compute_requires_grad(input, target)) {
+    auto node = c10::make_intrusive<ElementwiseBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(input, target));
+    node->input = torch::autograd::SavedVariable(input, false);
+    node->target = torch::autograd::SavedVariable(target, false);
+    node->kind = kind;
+    node->reduction = reduction;
+    node->delta = delta;
+    node->smooth_l1 = smooth_l1;
+    torch::autograd::set_history(out, node);
+  }
+  return out;
 }
 
 Tensor elementwise_plain(int64_t kind, const Tensor& input, const Tensor& target, double delta,
                          bool smooth_l1, int64_t reduction, at::ScalarType out_dtype) {
+  check_ew(kind, input, target, delta, smooth_l1, reduction, out_dtype);
   return ew_forward(kind, input, target, delta, smooth_l1, reduction, out_dtype);
 }
 

@@ -66,6 +66,12 @@ def _choose(device_type: str) -> str:
     return "op" if HAS_CPP and device_type == "cpu" else "reference"
 
 
+def cpu_op() -> bool:
+    """True when a plain CPU tensor takes the C++ op (nothing forces another backend): the
+    functionals' one-call fast path (see cross_entropy.cross_entropy)."""
+    return HAS_CPP and _forced() in ("", "cpp")
+
+
 def backend_for(t: torch.Tensor) -> str:
     """'op', 'triton' or 'reference' for a tensor on t's device. Meta and fake tensors take the
     registered op (its fake kernel) whatever backend is forced, as torch's losses do."""

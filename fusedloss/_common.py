@@ -96,6 +96,12 @@ def amp_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
+def out_dtype(t: torch.Tensor) -> torch.dtype:
+    """amp_dtype(t), without the autocast query for fp32 and fp64 (a small loss's per-call cost)."""
+    dt = t.dtype
+    return dt if dt is torch.float32 or dt is torch.float64 else amp_dtype(t)
+
+
 def reduce_loss(loss: torch.Tensor, reduction: str, denom=None) -> torch.Tensor:
     """Reduce a per-element loss (kept in the accumulation dtype): sum, or sum / denom for mean
     (denom a device tensor, default numel); 'none' returns it as is."""

@@ -11,7 +11,7 @@ reduced in fp32); backward re-reads the inputs and returns the gradients with gr
 import torch
 
 from . import _backend
-from ._common import REDUCTION_CODE, FusedLossValueError
+from ._common import REDUCTION_CODE, FusedLossValueError, out_dtype
 from .reference import acc_dtype
 
 # kind -> (fwd, bwd), filled by bce.py / huber.py, with backend = _backend.backend_for(x):
@@ -129,6 +129,25 @@ if _backend.HAS_CPP:
     @torch.library.register_fake("fusedloss::elementwise_loss")
     def _whole_fake(kind, input, target, delta, smooth_l1, reduction, out_dtype):
         return input.new_empty(input.shape if reduction == 0 else (), dtype=out_dtype)
+
+
+def fast(kind, input, target, delta, smooth_l1, reduction):
+    """The common case as one call of fusedloss::elementwise_loss (kind 0 BCE, 1 Huber /
+    SmoothL1), which runs the kernels and the autograd in C++ and checks the arguments itself: a
+    small batch's time is per-call overhead. None where it does not apply or the op rejects the
+    arguments (other shapes or dtypes, weights, bad values): the caller then takes its full path,
+    whose checks name the bad argument. The result's dtype is out_dtype(input) (with one dtype for
+    both, what every functional here returns)."""
+    if (type(input) is torch.Tensor and type(target) is torch.Tensor and input.is_cpu
+            and type(reduction) is str and _backend.cpu_op()):
+        code = REDUCTION_CODE.get(reduction)
+        if code is not None:
+            try:
+                return torch.ops.fusedloss.elementwise_loss.default(
+                    kind, input, target, float(delta), smooth_l1, code, out_dtype(input))
+            except RuntimeError:
+                pass
+    return None
 
 
 # Kinds that have a whole-loss op with its autograd in C++ (csrc/autograd.cpp), and the

@@ -477,3 +477,40 @@ def test_rows_per_program_paths(monkeypatch, path):
     logits = xa * 1.0
     cross_entropy(logits, t, label_smoothing=0.1, inplace_backward=True).backward()
     torch.testing.assert_close(xa.grad, gr, atol=1e-6, rtol=1e-5)
+
+
+def test_whole_loss_op_graph_rules():
+    """The C++ autograd node of fusedloss::cross_entropy follows autograd's rules: retain_graph
+    gives the same gradient twice, a second backward without it raises, so does a backward after
+    the logits were modified in place, and under no_grad no graph is built."""
+    x = randn(6, 5).requires_grad_()
+    t = torch.tensor([0, 4, -100, 2, 3, 1])
+    loss = cross_entropy(x, t)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    assert torch.equal(g1, g2)
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(loss, x)
+    h = x * 1.0
+    loss = cross_entropy(h, t)
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with torch.no_grad():
+        assert cross_entropy(x, t).grad_fn is None
+
+
+def test_whole_loss_op_checks_its_arguments():
+    """Called directly, the one-call op rejects what the functional would (a target of the right
+    size but the wrong shape would otherwise be read as other rows)."""
+    op = torch.ops.fusedloss.cross_entropy.default
+    x = randn(4, 3, 5)
+    for args in [(x, torch.zeros(5, 4, dtype=torch.long), None, 1, -100, 0.0, 0.0),
+                 (x, torch.zeros(4, 5), None, 1, -100, 0.0, 0.0),
+                 (x, torch.zeros(4, 5, dtype=torch.long), torch.ones(4), 1, -100, 0.0, 0.0),
+                 (x, torch.zeros(4, 5, dtype=torch.long), None, 3, -100, 0.0, 0.0),
+                 (x, torch.zeros(4, 5, dtype=torch.long), None, 1, -100, 1.5, 0.0),
+                 (x, torch.zeros(4, 5, dtype=torch.long), None, 1, -100, 0.0, -1.0)]:
+        with pytest.raises(RuntimeError, match="fusedloss::cross_entropy"):
+            op(*args, torch.float32)
