@@ -63,6 +63,36 @@ FL_MULTIVERSION float softmax_grad_f(const float* x, const float* w, int64_t n, 
   return softmax_grad_impl(x, w, n, lse, a, k, scale, g);
 }
 
+template <typename T>
+inline void tile_max_impl(const T* x, int64_t n, T* m) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) m[i] = std::max(m[i], x[i]);
+}
+template <typename T>
+inline void tile_sum_exp_impl(const T* x, int64_t n, const T* m, const T* tv, T c, T* s) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) s[i] += tv[i] == c ? T(0) : fast_exp(x[i] - m[i]);
+}
+template <typename T>
+inline void tile_softmax_grad_impl(const T* x, int64_t n, const T* lse, const T* a, const T* b,
+                                   T wc, const T* tv, T c, T* q, T* g) {
+  if (b == nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T p = fast_exp(x[i] - lse[i]);
+      q[i] += tv[i] == c ? T(0) : p;
+      g[i] = a[i] * p;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T p = fast_exp(x[i] - lse[i]);
+      q[i] += tv[i] == c ? T(0) : p;
+      g[i] = a[i] * p - b[i] * wc;
+    }
+  }
+}
+
 template <typename H>
 inline void to_acc_impl(const H* src, int64_t n, float* dst) {
 #pragma omp simd
@@ -101,6 +131,27 @@ FL_MULTIVERSION void to_acc(const c10::BFloat16* s, int64_t n, float* d) { to_ac
 FL_MULTIVERSION void to_acc(const c10::Half* s, int64_t n, float* d) { to_acc_impl(s, n, d); }
 FL_MULTIVERSION void from_acc(const float* s, int64_t n, c10::BFloat16* d) { from_acc_impl(s, n, d); }
 FL_MULTIVERSION void from_acc(const float* s, int64_t n, c10::Half* d) { from_acc_impl(s, n, d); }
+
+FL_MULTIVERSION void tile_max(const float* x, int64_t n, float* m) { tile_max_impl(x, n, m); }
+void tile_max(const double* x, int64_t n, double* m) { tile_max_impl(x, n, m); }
+FL_MULTIVERSION void tile_sum_exp(const float* x, int64_t n, const float* m, const float* tv,
+                                  float c, float* s) {
+  tile_sum_exp_impl(x, n, m, tv, c, s);
+}
+void tile_sum_exp(const double* x, int64_t n, const double* m, const double* tv, double c,
+                  double* s) {
+  tile_sum_exp_impl(x, n, m, tv, c, s);
+}
+FL_MULTIVERSION void tile_softmax_grad(const float* x, int64_t n, const float* lse, const float* a,
+                                       const float* b, float wc, const float* tv, float c,
+                                       float* q, float* g) {
+  tile_softmax_grad_impl(x, n, lse, a, b, wc, tv, c, q, g);
+}
+void tile_softmax_grad(const double* x, int64_t n, const double* lse, const double* a,
+                       const double* b, double wc, const double* tv, double c, double* q,
+                       double* g) {
+  tile_softmax_grad_impl(x, n, lse, a, b, wc, tv, c, q, g);
+}
 
 template <> float block_max(const float* x, int64_t n) { return max_f(x, n); }
 template <> double block_max(const double* x, int64_t n) { return max_impl(x, n); }

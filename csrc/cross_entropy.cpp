@@ -65,8 +65,9 @@ void ce_forward_rows(const Rows<scalar_t>& R, Targets& T, acc_t* loss, acc_t* ls
 // Writes the gradient through g (any strides; g may be the logits themselves: each element is
 // read before it is overwritten, and x_y is not needed after forward).
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void ce_backward_rows(const Rows<scalar_t>& R, Targets& T, const acc_t* lse_in, const acc_t* scale,
-                      bool per_row_scale, scalar_t* g, at::IntArrayRef g_strides) {
+void ce_backward_rows(const at::Tensor& /*x: R's*/, const Rows<scalar_t>& R, Targets& T,
+                      const acc_t* lse_in, const acc_t* scale, bool per_row_scale, scalar_t* g,
+                      at::IntArrayRef g_strides) {
   const int64_t gN = g_strides[0], gC = g_strides[1], gD = g_strides[2];
   at::parallel_for(0, R.rows(), R.grain(), [&](int64_t begin, int64_t end) {
     acc_t buf[kBlock];
@@ -86,6 +87,139 @@ void ce_backward_rows(const Rows<scalar_t>& R, Targets& T, const acc_t* lse_in, 
       // p_y a - k w_y - (1-eps) w_y = -a (1 - p_y) + k (W - w_y) + 2 z lse, with 1 - p_y = q.
       const acc_t gy = -a * q + R.k * (R.w_sum - wy) + 2 * R.z * lse;
       gr[y * gC] = static_cast<scalar_t>(s * gy);
+    }
+  });
+}
+
+// ---- tiles (rows.h): (N, C, H, W) pixels, or (N, C) rows with few classes, one lane per row ----
+
+#define CE_INLINE __attribute__((always_inline)) inline
+
+// d += wc * x (sum_c w_c x_c per lane, for label smoothing).
+template <typename T>
+CE_INLINE void tile_dot_impl(const T* x, int64_t n, T wc, T* d) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] += wc * x[i];
+}
+FL_MULTIVERSION void tile_dot(const float* x, int64_t n, float wc, float* d) {
+  tile_dot_impl(x, n, wc, d);
+}
+void tile_dot(const double* x, int64_t n, double wc, double* d) { tile_dot_impl(x, n, wc, d); }
+
+// The row loss of each lane (see the header) from m (the max), s (the sum of exp(x - m) without
+// the target), xt (x at the target), wy (weight[y]) and swx; ignored lanes (tv < 0) get loss and
+// lse 0. Selects, not branches, so that it vectorises (a zero-coefficient term is discarded, never
+// multiplied by 0: lse may be huge).
+template <typename T>
+CE_INLINE void ce_tile_terms_impl(int64_t n, const T* m, const T* s, const T* xt, const T* wy,
+                                  const T* swx, const T* tv, T eps, T k, T W, T z, T* loss,
+                                  T* lse) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const RowStats<T> st = row_finish(m[i], s[i], xt[i]);
+    T l = (1 - eps) * wy[i] * st.nll;
+    l += eps != 0 ? k * (W * st.lse - swx[i]) : T(0);
+    l += z != 0 ? z * st.lse * st.lse : T(0);
+    loss[i] = tv[i] < 0 ? T(0) : l;
+    lse[i] = tv[i] < 0 ? T(0) : st.lse;
+  }
+}
+FL_MULTIVERSION void ce_tile_terms(int64_t n, const float* m, const float* s, const float* xt,
+                                   const float* wy, const float* swx, const float* tv, float eps,
+                                   float k, float W, float z, float* loss, float* lse) {
+  ce_tile_terms_impl(n, m, s, xt, wy, swx, tv, eps, k, W, z, loss, lse);
+}
+void ce_tile_terms(int64_t n, const double* m, const double* s, const double* xt,
+                   const double* wy, const double* swx, const double* tv, double eps, double k,
+                   double W, double z, double* loss, double* lse) {
+  ce_tile_terms_impl(n, m, s, xt, wy, swx, tv, eps, k, W, z, loss, lse);
+}
+
+// A tile's targets: tv (the class as acc_t, -1 for none), and if xt / wy are given x at the
+// target and weight[y] (0 for none).
+template <typename scalar_t, typename acc_t>
+void tile_targets(const Rows<scalar_t>& R, const TileGeom& G, const Tile& t, Targets& T,
+                  const scalar_t* xt, acc_t* tv, acc_t* xv, acc_t* wv) {
+  for (int64_t i = 0; i < t.S; ++i) {
+    const int64_t y = T(t.r0 + i);
+    tv[i] = static_cast<acc_t>(y);  // exact: C < 2^24 classes
+    if (xv) xv[i] = y >= 0 ? static_cast<acc_t>(xt[i * G.lane + y * G.sC]) : acc_t(0);
+    wv[i] = y >= 0 ? (R.w ? R.w[y] : acc_t(1)) : acc_t(0);
+  }
+}
+
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+void ce_forward_tiles(const at::Tensor& x, const Rows<scalar_t>& R, Targets& T, acc_t* loss,
+                      acc_t* lse) {
+  const TileGeom G(x, x.strides());
+  at::parallel_for(0, G.count, G.grain(), [&](int64_t begin, int64_t end) {
+    acc_t buf[kTile], m[kTile], s[kTile], xv[kTile], wv[kTile], tv[kTile], dv[kTile];
+    for (int64_t k = begin; k < end; ++k) {
+      const Tile t = G.at(k);
+      const int64_t S = t.S;
+      const scalar_t* xt = R.x + t.xoff;
+      tile_targets(R, G, t, T, xt, tv, xv, wv);
+      std::fill_n(m, S, -std::numeric_limits<acc_t>::infinity());
+      std::fill_n(s, S, acc_t(0));
+      std::fill_n(dv, S, acc_t(0));
+      for (int64_t c = 0; c < G.C; ++c) {
+        load_block(xt + c * G.sC, G.lane, S, buf);
+        tile_max(buf, S, m);
+        if (R.eps != 0) tile_dot(buf, S, R.w ? R.w[c] : acc_t(1), dv);
+      }
+      for (int64_t c = 0; c < G.C; ++c) {
+        load_block(xt + c * G.sC, G.lane, S, buf);
+        tile_sum_exp(buf, S, m, tv, static_cast<acc_t>(c), s);
+      }
+      ce_tile_terms(S, m, s, xv, wv, dv, tv, R.eps, R.k, R.w_sum, R.z, loss + t.r0, lse + t.r0);
+    }
+  });
+}
+
+// The gradient of a tile: a = scale (A) and b = scale k per lane, g_j = a p_j - b w_j swept class
+// by class, then the target column from q (rows.h); ignored lanes written as exact zeros.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+void ce_backward_tiles(const at::Tensor& x, const Rows<scalar_t>& R, Targets& T,
+                       const acc_t* lse_in, const acc_t* scale, bool per_row_scale, scalar_t* g,
+                       at::IntArrayRef g_strides) {
+  const TileGeom G(x, g_strides);
+  at::parallel_for(0, G.count, G.grain(), [&](int64_t begin, int64_t end) {
+    acc_t buf[kTile], gbuf[kTile], lse[kTile], a[kTile], b[kTile], q[kTile], wv[kTile], tv[kTile];
+    for (int64_t k = begin; k < end; ++k) {
+      const Tile t = G.at(k);
+      const int64_t S = t.S;
+      const scalar_t* xt = R.x + t.xoff;
+      scalar_t* gt = g + t.goff;
+      tile_targets(R, G, t, T, xt, tv, (acc_t*)nullptr, wv);
+      bool any_ignored = false;
+      for (int64_t i = 0; i < S; ++i) {
+        const bool valid = tv[i] >= 0;
+        any_ignored |= !valid;
+        const acc_t sc = valid ? scale[per_row_scale ? t.r0 + i : 0] : acc_t(0);
+        lse[i] = valid ? lse_in[t.r0 + i] : acc_t(0);
+        a[i] = sc * ((1 - R.eps) * wv[i] + R.k * R.w_sum + 2 * R.z * lse[i]);
+        b[i] = sc * R.k;
+        q[i] = 0;
+      }
+      for (int64_t c = 0; c < G.C; ++c) {
+        load_block(xt + c * G.sC, G.lane, S, buf);
+        tile_softmax_grad(buf, S, lse, a, R.k != 0 ? b : nullptr, R.w ? R.w[c] : acc_t(1), tv,
+                          static_cast<acc_t>(c), q, gbuf);
+        store_block(gbuf, S, gt + c * G.gC, G.glane);
+      }
+      for (int64_t i = 0; i < S; ++i) {
+        const int64_t y = static_cast<int64_t>(tv[i]);
+        if (y < 0) continue;
+        // p_y A - k w_y - (1-eps) w_y = -A q + k (W - w_y) + 2 z lse; a = scale A, b = scale k.
+        const acc_t sc = scale[per_row_scale ? t.r0 + i : 0];
+        const acc_t gy = -a[i] * q[i] + b[i] * (R.w_sum - wv[i]) + sc * 2 * R.z * lse[i];
+        gt[i * G.glane + y * G.gC] = static_cast<scalar_t>(gy);
+      }
+      if (!any_ignored) continue;
+      for (int64_t i = 0; i < S; ++i) {
+        if (tv[i] >= 0) continue;
+        for (int64_t c = 0; c < G.C; ++c) gt[i * G.glane + c * G.gC] = scalar_t(0);
+      }
     }
   });
 }
@@ -118,7 +252,11 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_fwd", [&] {
     using acc_t = acc_type<scalar_t>;
     Rows<scalar_t> R(logits, weight, label_smoothing, z_loss);
-    ce_forward_rows(R, T, loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
+    if (TileGeom::suits(logits, logits.strides())) {
+      ce_forward_tiles(logits, R, T, loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
+    } else {
+      ce_forward_rows(R, T, loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
+    }
   });
   T.raise_if_bad("fusedloss.cross_entropy");
   return {loss, lse};
@@ -139,9 +277,10 @@ void ce_backward(const at::Tensor& grad_scale, const at::Tensor& logits, const a
     using acc_t = acc_type<scalar_t>;
     Rows<scalar_t> R(logits, weight, label_smoothing, z_loss);
     Targets T(target, logits.size(1), ignore_index);
-    ce_backward_rows(R, T, lse.const_data_ptr<acc_t>(), grad_scale.const_data_ptr<acc_t>(),
-                     grad_scale.numel() != 1, grad.data_ptr<scalar_t>(),
-                     grad.strides());
+    (TileGeom::suits(logits, grad.strides()) ? ce_backward_tiles<scalar_t>
+                                              : ce_backward_rows<scalar_t>)(
+        logits, R, T, lse.const_data_ptr<acc_t>(), grad_scale.const_data_ptr<acc_t>(),
+        grad_scale.numel() != 1, grad.data_ptr<scalar_t>(), grad.strides());
   });
 }
 

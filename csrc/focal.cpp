@@ -20,8 +20,9 @@
 //        = -alpha_t q^gamma [1 - gamma p_t (lp/q)]
 // and lp/q = log(1-q)/q lies in (-inf, -1], -> -1 as q -> 0: q^(gamma-1) is never formed. With
 // A = -dL/dlp >= 0 the gradient has cross-entropy's shape: A p_j off the target, -A q on it.
-// Rows go through rows.h's shared row statistics and gradient sweep; (N, C, H, W) inputs are
-// swept by spatial tiles instead (softmax_focal_tiles), with the same per-pixel statistics.
+// Rows go through rows.h's shared row statistics and gradient sweep; (N, C, H, W) inputs and
+// (N, C) inputs with few classes are swept by tiles instead (rows.h, softmax_focal_tiles), with
+// the same per-row statistics.
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -100,41 +101,6 @@ FL_MULTIVERSION float sigmoid_focal_block(const float* x, const float* y, int64_
 double sigmoid_focal_block(const double* x, const double* y, int64_t n, double alpha,
                            double gamma, double scale, double* loss, double* g) {
   return sigmoid_focal_dispatch(x, y, n, alpha, gamma, scale, loss, g);
-}
-
-// Spatial tiles (see softmax_focal_tiles): the same three sweeps, one lane per pixel.
-template <typename T>
-FOCAL_INLINE void tile_max_impl(const T* x, int64_t n, T* m) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) m[i] = std::max(m[i], x[i]);
-}
-// s += exp(x - m) for the pixels whose target is not class c (tv: targets as T, -1 if none).
-template <typename T>
-FOCAL_INLINE void tile_sum_exp_impl(const T* x, int64_t n, const T* m, const T* tv, T c, T* s) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) s[i] += tv[i] == c ? T(0) : fast_exp(x[i] - m[i]);
-}
-template <typename T>
-FOCAL_INLINE void tile_grad_impl(const T* x, int64_t n, const T* lse, const T* a, T* g) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) g[i] = a[i] * fast_exp(x[i] - lse[i]);
-}
-FL_MULTIVERSION void tile_max(const float* x, int64_t n, float* m) { tile_max_impl(x, n, m); }
-void tile_max(const double* x, int64_t n, double* m) { tile_max_impl(x, n, m); }
-FL_MULTIVERSION void tile_sum_exp(const float* x, int64_t n, const float* m, const float* tv,
-                                  float c, float* s) {
-  tile_sum_exp_impl(x, n, m, tv, c, s);
-}
-void tile_sum_exp(const double* x, int64_t n, const double* m, const double* tv, double c,
-                  double* s) {
-  tile_sum_exp_impl(x, n, m, tv, c, s);
-}
-FL_MULTIVERSION void tile_grad(const float* x, int64_t n, const float* lse, const float* a,
-                               float* g) {
-  tile_grad_impl(x, n, lse, a, g);
-}
-void tile_grad(const double* x, int64_t n, const double* lse, const double* a, double* g) {
-  tile_grad_impl(x, n, lse, a, g);
 }
 
 // The per-pixel terms of a tile, vectorised: the same as focal_row below, from the max m, the
@@ -269,60 +235,53 @@ void softmax_focal_rows(const at::Tensor& x, Targets& T, const acc_t* alpha, acc
   });
 }
 
-// Logits [N, C, D] with D > 1 and unit spatial stride (segmentation, (N, C, H, W)): a row is C
-// values D apart, so row by row every load is a gather and the per-row overhead dominates small C.
-// Instead a tile of kTile pixels is swept class by class over contiguous memory, one lane per
-// pixel: max, then sum of exp(x - max) (the tile stays in cache), then per pixel the row terms
-// (tile_terms), then the gradient class by class. Same math as the rows above.
-constexpr int64_t kTile = 256;
-
+// Tiles (rows.h: (N, C, H, W) pixels, or (N, C) rows with few classes): max, then sum of
+// exp(x - max) (the tile stays in cache), then per lane the row terms (tile_terms), then the
+// gradient class by class. Same math as the rows above.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 void softmax_focal_tiles(const at::Tensor& x, Targets& T, const acc_t* alpha, acc_t gamma,
                          acc_t scale, scalar_t* g, at::IntArrayRef g_strides, acc_t* loss) {
-  const int64_t N = x.size(0), C = x.size(1), D = x.size(2);
-  const int64_t sN = x.stride(0), sC = x.stride(1);
+  const TileGeom G(x, g ? g_strides : x.strides());
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const int64_t gN = g ? g_strides[0] : 0, gC = g ? g_strides[1] : 0;
-  const int64_t tiles_per_n = (D + kTile - 1) / kTile;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C * kTile, 1));
-
-  at::parallel_for(0, N * tiles_per_n, grain, [&](int64_t begin, int64_t end) {
-    acc_t buf[kTile], m[kTile], s[kTile], a[kTile], gbuf[kTile], xv[kTile], av[kTile], tv[kTile];
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n = tile / tiles_per_n, d0 = (tile % tiles_per_n) * kTile;
-      const int64_t S = std::min(kTile, D - d0);
-      const scalar_t* xt = xp + n * sN + d0;
-      const int64_t r0 = n * D + d0;
+  at::parallel_for(0, G.count, G.grain(), [&](int64_t begin, int64_t end) {
+    acc_t buf[kTile], m[kTile], s[kTile], a[kTile], gbuf[kTile], xv[kTile], av[kTile], tv[kTile],
+        qv[kTile];
+    for (int64_t k = begin; k < end; ++k) {
+      const Tile t = G.at(k);
+      const int64_t S = t.S;
+      const scalar_t* xt = xp + t.xoff;
       for (int64_t i = 0; i < S; ++i) {  // targets, x and alpha at the targets
-        const int64_t t = T(r0 + i);
-        tv[i] = static_cast<acc_t>(t);  // exact: C < 2^24 classes; -1 matches no class
-        xv[i] = t >= 0 ? static_cast<acc_t>(xt[t * sC + i]) : acc_t(0);
-        av[i] = t >= 0 ? (alpha ? alpha[t] : acc_t(1)) : acc_t(0);  // 0: no loss, no gradient
+        const int64_t y = T(t.r0 + i);
+        tv[i] = static_cast<acc_t>(y);  // exact: C < 2^24 classes; -1 matches no class
+        xv[i] = y >= 0 ? static_cast<acc_t>(xt[i * G.lane + y * G.sC]) : acc_t(0);
+        av[i] = y >= 0 ? (alpha ? alpha[y] : acc_t(1)) : acc_t(0);  // 0: no loss, no gradient
       }
       std::fill_n(m, S, -std::numeric_limits<acc_t>::infinity());
       std::fill_n(s, S, acc_t(0));
-      for (int64_t c = 0; c < C; ++c) {
-        load_block(xt + c * sC, 1, S, buf);
+      for (int64_t c = 0; c < G.C; ++c) {
+        load_block(xt + c * G.sC, G.lane, S, buf);
         tile_max(buf, S, m);
       }
-      for (int64_t c = 0; c < C; ++c) {
-        load_block(xt + c * sC, 1, S, buf);
+      for (int64_t c = 0; c < G.C; ++c) {
+        load_block(xt + c * G.sC, G.lane, S, buf);
         tile_sum_exp(buf, S, m, tv, static_cast<acc_t>(c), s);
       }
       for (int64_t i = 0; i < S; ++i) {
         if (tv[i] < 0) xv[i] = m[i];  // ignored: any finite terms will do (alpha_t = 0)
       }
-      tile_terms(S, xv, av, gamma, scale, m, s, loss + r0, a);  // m := lse, s := q
+      tile_terms(S, xv, av, gamma, scale, m, s, loss + t.r0, a);  // m := lse, s := q
       if (!g) continue;
-      scalar_t* gt = g + n * gN + d0;
-      for (int64_t c = 0; c < C; ++c) {
-        load_block(xt + c * sC, 1, S, buf);
-        tile_grad(buf, S, m, a, gbuf);
-        store_block(gbuf, S, gt + c * gC, 1);
+      scalar_t* gt = g + t.goff;
+      std::fill_n(qv, S, acc_t(0));
+      for (int64_t c = 0; c < G.C; ++c) {
+        load_block(xt + c * G.sC, G.lane, S, buf);
+        tile_softmax_grad(buf, S, m, a, (const acc_t*)nullptr, acc_t(0), tv, static_cast<acc_t>(c),
+                          qv, gbuf);
+        store_block(gbuf, S, gt + c * G.gC, G.glane);
       }
-      for (int64_t i = 0; i < S; ++i) {  // the target column of each valid pixel
-        const int64_t t = static_cast<int64_t>(tv[i]);
-        if (t >= 0) gt[t * gC + i] = static_cast<scalar_t>(-a[i] * s[i]);
+      for (int64_t i = 0; i < S; ++i) {  // the target column of each valid lane
+        const int64_t y = static_cast<int64_t>(tv[i]);
+        if (y >= 0) gt[i * G.glane + y * G.gC] = static_cast<scalar_t>(-a[i] * s[i]);
       }
     }
   });
@@ -354,10 +313,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_fwd(const at::Tensor& logits,
   const auto dtype = logits.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedloss_smfl", [&] {
     using acc_t = acc_type<scalar_t>;
-    // Spatial tiles where pixels are contiguous (and the gradient is written alike).
-    // (C < 2^24: the tiles hold class indices as acc_t.)
-    const bool tiles = logits.size(2) > 1 && logits.stride(2) == 1 &&
-                       logits.size(1) < (1 << 24) && (!compute_grad || grad.stride(2) == 1);
+    const bool tiles = TileGeom::suits(logits, compute_grad ? grad.strides() : logits.strides());
     (tiles ? softmax_focal_tiles<scalar_t> : softmax_focal_rows<scalar_t>)(
         logits, T, alpha.has_value() ? alpha->const_data_ptr<acc_t>() : nullptr,
         static_cast<acc_t>(gamma), static_cast<acc_t>(scalar_or(grad_scale, 1.0)),

@@ -121,4 +121,65 @@ acc_t row_grad(const scalar_t* xr, int64_t sC, int64_t C, int64_t y, acc_t lse, 
   return q;
 }
 
+// ---- tiles: many rows at once, one lane per row ------------------------------------------------
+// Where a row's classes are strided ((N, C, H, W) logits: C values H*W apart) or few ((N, C) with
+// small C), a row-by-row sweep pays more per row than per element: every load is a gather, and the
+// vector loops run on a handful of classes. A tile instead takes kTile rows and sweeps them class by
+// class, one lane per row, so that the per-row math is vectorised across rows. The logits are seen
+// as [images, C, P]: (N, C, D) with D > 1 is N images of D pixels (lanes 1 apart when the spatial
+// stride is 1); (N, C) is one image of N rows (lanes sN apart).
+constexpr int64_t kTile = 256;
+// (N, C) logits take tiles up to this many classes: measured at C = 10..128 (bench_cross_entropy
+// --sizes tiny, 32x10); beyond it a row is long enough for the row path's own vector loops.
+constexpr int64_t kTileMaxC = 64;
+
+struct Tile {
+  int64_t r0, S;      // first row (n * D + d) and lanes
+  int64_t xoff, goff; // offsets of its first lane in the logits and in the gradient
+};
+
+struct TileGeom {
+  int64_t C, sC, gC, lane, glane, P, sImg, gImg, per_img, count;
+  // x: [N, C, D]; g: the gradient's strides (or x's when there is none).
+  TileGeom(const at::Tensor& x, at::IntArrayRef g) : C(x.size(1)), sC(x.stride(1)), gC(g[1]) {
+    const bool pixels = x.size(2) > 1;
+    lane = pixels ? x.stride(2) : x.stride(0);
+    glane = pixels ? g[2] : g[0];
+    P = pixels ? x.size(2) : x.size(0);
+    sImg = pixels ? x.stride(0) : 0;
+    gImg = pixels ? g[0] : 0;
+    per_img = (P + kTile - 1) / kTile;
+    count = (pixels ? x.size(0) : 1) * per_img;
+  }
+  Tile at(int64_t k) const {
+    const int64_t img = k / per_img, p0 = (k % per_img) * kTile;
+    return {img * P + p0, std::min(kTile, P - p0), img * sImg + p0 * lane, img * gImg + p0 * glane};
+  }
+  // Tiles per task: about 16k elements.
+  int64_t grain() const { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C * kTile, 1)); }
+  // Whether the tile sweeps suit x (and g): unit-stride pixels, or (N, C) rows with few classes.
+  // (C < 2^24: the tiles hold class indices as acc_t.)
+  static bool suits(const at::Tensor& x, at::IntArrayRef g) {
+    if (x.size(2) > 1) return x.stride(2) == 1 && g[2] == 1 && x.size(1) < (1 << 24);
+    return x.size(1) <= kTileMaxC;
+  }
+};
+
+// The class-by-class sweeps of a tile (common.cpp; float per ISA, double plain). x: one class of
+// the tile's n lanes.
+//   tile_max:      m = max(m, x)
+//   tile_sum_exp:  s += exp(x - m) on the lanes whose target tv is not class c
+//   tile_softmax_grad: p = exp(x - lse); q += p on the lanes whose target is not c;
+//                      g = a p - b wc (b null: g = a p)
+void tile_max(const float* x, int64_t n, float* m);
+void tile_max(const double* x, int64_t n, double* m);
+void tile_sum_exp(const float* x, int64_t n, const float* m, const float* tv, float c, float* s);
+void tile_sum_exp(const double* x, int64_t n, const double* m, const double* tv, double c,
+                  double* s);
+void tile_softmax_grad(const float* x, int64_t n, const float* lse, const float* a,
+                       const float* b, float wc, const float* tv, float c, float* q, float* g);
+void tile_softmax_grad(const double* x, int64_t n, const double* lse, const double* a,
+                       const double* b, double wc, const double* tv, double c, double* q,
+                       double* g);
+
 }  // namespace fusedloss
