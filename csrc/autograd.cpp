@@ -15,6 +15,7 @@
 #include <ATen/ops/sum.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/where.h>
+#include <ATen/ExpandUtils.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -245,21 +246,39 @@ using HuberBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const 
 
 constexpr int64_t kBce = 0;  // the other kind, 1, is Huber / SmoothL1
 
-// The kernels take 4-d views of one shape: contiguous operands as one run, others (up to 4 dims)
-// with their own strides, leading dims of 1 added; more dims are copied to contiguous first.
-Tensor view4(const Tensor& t, bool flat) {
-  if (flat) return t.reshape_symint({1, 1, 1, t.sym_numel()});  // (a view, or a copy if strided)
-  Tensor v = t.dim() <= 4 ? t : t.contiguous();
-  if (v.dim() > 4) return v.view_symint({1, 1, 1, v.sym_numel()});
-  while (v.dim() < 4) v = v.unsqueeze(0);
-  return v;
-}
+// The operands of one call: input and target, and weight / pos_weight (None, or broadcast to the
+// input's shape: stride 0, no copy) in the acc dtype; as the 4-d views of one shape the kernels
+// take: contiguous operands as one run, others (up to 4 dims) with their own strides and leading
+// dims of 1; more dims are copied to contiguous first.
+struct EwOperands {
+  Tensor x, y;
+  optional<Tensor> w, pw;
+  bool flat = true;
 
-bool flat_layout(const Tensor& x, const Tensor& y) {
-  return (x.is_contiguous() && y.is_contiguous()) || x.dim() > 4;
-}
+  EwOperands(const Tensor& input, const Tensor& target, const optional<Tensor>& weight,
+             const optional<Tensor>& pos_weight)
+      : x(input), y(target) {
+    const auto acc = acc_of(input);
+    if (weight.has_value() && weight->defined())
+      w = cast(*weight, acc).expand_symint(input.sym_sizes());
+    if (pos_weight.has_value() && pos_weight->defined())
+      pw = cast(*pos_weight, acc).expand_symint(input.sym_sizes());
+    flat = input.dim() > 4 || (input.is_contiguous() && target.is_contiguous() &&
+                               (!w || w->is_contiguous()) && (!pw || pw->is_contiguous()));
+  }
+  Tensor view4(const Tensor& t) const {
+    if (flat) return t.reshape_symint({1, 1, 1, t.sym_numel()});  // (a view, or a copy)
+    Tensor v = t;
+    while (v.dim() < 4) v = v.unsqueeze(0);
+    return v;
+  }
+  optional<Tensor> view4(const optional<Tensor>& t) const {
+    return t ? optional<Tensor>(view4(*t)) : c10::nullopt;
+  }
+};
 
-void check_ew(int64_t kind, const Tensor& input, const Tensor& target, double delta,
+void check_ew(int64_t kind, const Tensor& input, const Tensor& target,
+              const optional<Tensor>& weight, const optional<Tensor>& pos_weight, double delta,
               bool smooth_l1, int64_t reduction, at::ScalarType out_dtype) {
   TORCH_CHECK(at::isFloatingType(input.scalar_type()) &&
                   target.scalar_type() == input.scalar_type() &&
@@ -272,26 +291,38 @@ void check_ew(int64_t kind, const Tensor& input, const Tensor& target, double de
               "fusedloss::elementwise_loss: delta (beta) out of range");
   TORCH_CHECK(reduction != 0 || out_dtype == input.scalar_type(),
               "fusedloss::elementwise_loss: reduction 'none' returns the input's dtype");
+  for (const optional<Tensor>* t : {&weight, &pos_weight}) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    const Tensor& u = **t;
+    // Huber's weight has the input's shape (as torch's), and its result dtype would follow a
+    // weight of another dtype: that case takes Python's path.
+    TORCH_CHECK(at::isFloatingType(u.scalar_type()) && u.device() == input.device() &&
+                    !u.requires_grad() && at::is_expandable_to(u.sizes(), input.sizes()) &&
+                    (kind == kBce || (t == &weight && u.sizes() == input.sizes() &&
+                                      u.scalar_type() == input.scalar_type())),
+                "fusedloss::elementwise_loss: weight and pos_weight (BCE only) must be floating "
+                "tensors on the input's device that broadcast to its shape (Huber: of its shape "
+                "and dtype) and need no gradient");
+  }
 }
 
-Tensor ew_forward(int64_t kind, const Tensor& input, const Tensor& target, double delta,
-                  bool smooth_l1, int64_t reduction, at::ScalarType out_dtype) {
-  const bool flat = flat_layout(input, target);
-  const Tensor x4 = view4(input, flat), y4 = view4(target, flat);
+Tensor ew_forward(int64_t kind, const EwOperands& o, double delta, bool smooth_l1,
+                  int64_t reduction, at::ScalarType out_dtype) {
   Tensor loss;
   if (kind == kBce) {
     static auto fwd = typed_op<EwFwd>("fusedloss::bce_fwd");
-    loss = fwd.call(x4, y4, c10::nullopt, c10::nullopt, reduction);
+    loss = fwd.call(o.view4(o.x), o.view4(o.y), o.view4(o.w), o.view4(o.pw), reduction);
   } else {
     static auto fwd = typed_op<HuberFwd>("fusedloss::huber_fwd");
-    loss = fwd.call(x4, y4, c10::nullopt, delta, smooth_l1, reduction);
+    loss = fwd.call(o.view4(o.x), o.view4(o.y), o.view4(o.w), delta, smooth_l1, reduction);
   }
-  return cast(reduction == 0 ? loss.view_symint(input.sym_sizes()) : loss, out_dtype);
+  return cast(reduction == 0 ? loss.view_symint(o.x.sym_sizes()) : loss, out_dtype);
 }
 
 // Backward of fusedloss::elementwise_loss as an autograd Node (see CrossEntropyBackward).
 struct ElementwiseBackward : torch::autograd::Node {
   torch::autograd::SavedVariable input, target;
+  optional<Tensor> weight, pos_weight;  // in the acc dtype, not broadcast; need no gradient
   int64_t kind = 0, reduction = 0;
   double delta = 0;
   bool smooth_l1 = false;
@@ -301,6 +332,8 @@ struct ElementwiseBackward : torch::autograd::Node {
     std::lock_guard<std::mutex> lock(mutex_);
     input.reset_data();
     target.reset_data();
+    weight.reset();
+    pos_weight.reset();
   }
 
   variable_list apply(variable_list&& grad_outputs) override {
@@ -309,39 +342,43 @@ struct ElementwiseBackward : torch::autograd::Node {
     const Tensor& go = grad_outputs[0];
     const bool gi = task_should_compute_output(0), gt = task_should_compute_output(1);
     if (!go.defined() || !(gi || gt)) return grads;
-    const Tensor x = input.unpack(), y = target.unpack();
-    const bool flat = flat_layout(x, y);
+    const EwOperands o(input.unpack(), target.unpack(), weight, pos_weight);
     // A full-shape grad_output for 'none', a 0-dim one (expanded: no copy) otherwise.
-    const Tensor go4 = view4(cast(go, x.scalar_type()).expand_symint(x.sym_sizes()), flat);
+    const Tensor go4 = o.view4(cast(go, o.x.scalar_type()).expand_symint(o.x.sym_sizes()));
     Tensor gx, gy;
     if (kind == kBce) {
       static auto bwd = typed_op<EwBwd>("fusedloss::bce_bwd");
-      std::tie(gx, gy) = bwd.call(go4, view4(x, flat), view4(y, flat), c10::nullopt,
-                                  c10::nullopt, reduction, gi, gt);
+      std::tie(gx, gy) = bwd.call(go4, o.view4(o.x), o.view4(o.y), o.view4(o.w),
+                                  o.view4(o.pw), reduction, gi, gt);
     } else {
       static auto bwd = typed_op<HuberBwd>("fusedloss::huber_bwd");
-      std::tie(gx, gy) = bwd.call(go4, view4(x, flat), view4(y, flat), c10::nullopt, delta,
+      std::tie(gx, gy) = bwd.call(go4, o.view4(o.x), o.view4(o.y), o.view4(o.w), delta,
                                   smooth_l1, reduction, gi, gt);
     }
-    if (gi) grads[0] = gx.view_symint(x.sym_sizes());
-    if (gt) grads[1] = gy.view_symint(y.sym_sizes());
+    if (gi) grads[0] = gx.view_symint(o.x.sym_sizes());
+    if (gt) grads[1] = gy.view_symint(o.y.sym_sizes());
     return grads;
   }
 };
 
-Tensor elementwise_autograd(int64_t kind, const Tensor& input, const Tensor& target, double delta,
-                            bool smooth_l1, int64_t reduction, at::ScalarType out_dtype) {
-  check_ew(kind, input, target, delta, smooth_l1, reduction, out_dtype);
+Tensor elementwise_autograd(int64_t kind, const Tensor& input, const Tensor& target,
+                            const optional<Tensor>& weight, const optional<Tensor>& pos_weight,
+                            double delta, bool smooth_l1, int64_t reduction,
+                            at::ScalarType out_dtype) {
+  check_ew(kind, input, target, weight, pos_weight, delta, smooth_l1, reduction, out_dtype);
   Tensor out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    out = ew_forward(kind, input, target, delta, smooth_l1, reduction, out_dtype);
+    out = ew_forward(kind, EwOperands(input, target, weight, pos_weight), delta, smooth_l1,
+                     reduction, out_dtype);
   }
   if (torch::autograd::compute_requires_grad(input, target)) {
     auto node = c10::make_intrusive<ElementwiseBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(input, target));
     node->input = torch::autograd::SavedVariable(input, false);
     node->target = torch::autograd::SavedVariable(target, false);
+    node->weight = weight;
+    node->pos_weight = pos_weight;
     node->kind = kind;
     node->reduction = reduction;
     node->delta = delta;
@@ -351,10 +388,13 @@ Tensor elementwise_autograd(int64_t kind, const Tensor& input, const Tensor& tar
   return out;
 }
 
-Tensor elementwise_plain(int64_t kind, const Tensor& input, const Tensor& target, double delta,
-                         bool smooth_l1, int64_t reduction, at::ScalarType out_dtype) {
-  check_ew(kind, input, target, delta, smooth_l1, reduction, out_dtype);
-  return ew_forward(kind, input, target, delta, smooth_l1, reduction, out_dtype);
+Tensor elementwise_plain(int64_t kind, const Tensor& input, const Tensor& target,
+                         const optional<Tensor>& weight, const optional<Tensor>& pos_weight,
+                         double delta, bool smooth_l1, int64_t reduction,
+                         at::ScalarType out_dtype) {
+  check_ew(kind, input, target, weight, pos_weight, delta, smooth_l1, reduction, out_dtype);
+  return ew_forward(kind, EwOperands(input, target, weight, pos_weight), delta, smooth_l1,
+                    reduction, out_dtype);
 }
 
 }  // namespace

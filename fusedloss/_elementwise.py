@@ -127,46 +127,33 @@ class ElementwiseLoss(torch.autograd.Function):
 if _backend.HAS_CPP:
 
     @torch.library.register_fake("fusedloss::elementwise_loss")
-    def _whole_fake(kind, input, target, delta, smooth_l1, reduction, out_dtype):
+    def _whole_fake(kind, input, target, weight, pos_weight, delta, smooth_l1, reduction,
+                    out_dtype):
         return input.new_empty(input.shape if reduction == 0 else (), dtype=out_dtype)
 
 
-def fast(kind, input, target, delta, smooth_l1, reduction):
+def fast(kind, input, target, weight, pos_weight, delta, smooth_l1, reduction):
     """The common case as one call of fusedloss::elementwise_loss (kind 0 BCE, 1 Huber /
     SmoothL1), which runs the kernels and the autograd in C++ and checks the arguments itself: a
     small batch's time is per-call overhead. None where it does not apply or the op rejects the
-    arguments (other shapes or dtypes, weights, bad values): the caller then takes its full path,
-    whose checks name the bad argument. The result's dtype is out_dtype(input) (with one dtype for
-    both, what every functional here returns)."""
+    arguments (input and target of other shapes or dtypes, a weight that needs a gradient, bad
+    values): the caller then takes its full path, whose checks name the bad argument. The result's
+    dtype is out_dtype(input) (with one dtype for input and target, what every functional here
+    returns)."""
     if (type(input) is torch.Tensor and type(target) is torch.Tensor and input.is_cpu
             and type(reduction) is str and _backend.cpu_op()):
         code = REDUCTION_CODE.get(reduction)
         if code is not None:
             try:
                 return torch.ops.fusedloss.elementwise_loss.default(
-                    kind, input, target, float(delta), smooth_l1, code, out_dtype(input))
+                    kind, input, target, weight, pos_weight, float(delta), smooth_l1, code,
+                    out_dtype(input))
             except RuntimeError:
                 pass
     return None
 
 
-# Kinds that have a whole-loss op with its autograd in C++ (csrc/autograd.cpp), and the
-# params -> (delta, smooth_l1) of that op.
-_WHOLE = {"bce": (0, lambda p: (0.0, False)), "huber": (1, lambda p: (float(p[0]), bool(p[1])))}
-
-
 def apply(kind, params, reduction, out_dtype, input, target, weight, pos_weight):
-    """ElementwiseLoss.apply, or for the common case (input and target of one shape and dtype,
-    contiguous, no weights, on the registered op) one call of fusedloss::elementwise_loss, which
-    runs the kernels and the autograd in C++: a small batch's time is per-call overhead."""
-    whole = _WHOLE.get(kind)
-    if (whole is not None and weight is None and pos_weight is None
-            and input.shape == target.shape and input.dtype == target.dtype
-            and input.is_contiguous() and target.is_contiguous()
-            and not (reduction == "none" and out_dtype != input.dtype)
-            and _backend.backend_for(input) == "op"):
-        code, op_params = whole
-        return torch.ops.fusedloss.elementwise_loss.default(
-            code, input, target, *op_params(params), REDUCTION_CODE[reduction], out_dtype)
+    """ElementwiseLoss.apply (the general path; the functionals try fast() first)."""
     return ElementwiseLoss.apply(kind, params, reduction, out_dtype, input, target, weight,
                                  pos_weight)

@@ -54,8 +54,8 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     (aligned from the last dimension: for (N, C, H, W) a per-class pos_weight is (C, 1, 1)), never
     enlarging it. mean = sum / numel (weights are not normalised).
     """
-    if weight is None and pos_weight is None and size_average is None and reduce is None:
-        out = _elementwise.fast(0, input, target, 0.0, False, reduction)
+    if size_average is None and reduce is None:
+        out = _elementwise.fast(0, input, target, weight, pos_weight, 0.0, False, reduction)
         if out is not None:
             return out
     reduction = resolve_reduction(reduction, size_average, reduce)

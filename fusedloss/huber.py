@@ -63,10 +63,9 @@ def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
     delta raises ValueError). weight must have the input's shape (as torch); a weight that requires
     grad takes the unfused path weight * loss so that it gets its gradient.
     """
-    if weight is None:
-        out = _elementwise.fast(1, input, target, delta, False, reduction)
-        if out is not None:
-            return out
+    out = _elementwise.fast(1, input, target, weight, None, delta, False, reduction)
+    if out is not None:
+        return out
     reduction = resolve_reduction(reduction)
     _check("huber_loss", input, target)
     delta = float(delta)
@@ -96,7 +95,7 @@ def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mea
     |d| - beta/2; beta = 0 is L1. Same arguments, broadcasting, output dtype and errors (a negative
     beta raises ValueError)."""
     if size_average is None and reduce is None:
-        out = _elementwise.fast(1, input, target, beta, True, reduction)
+        out = _elementwise.fast(1, input, target, None, None, beta, True, reduction)
         if out is not None:
             return out
     reduction = resolve_reduction(reduction, size_average, reduce)

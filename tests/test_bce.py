@@ -253,7 +253,7 @@ def test_opcheck_whole_loss():
             for kind, delta, smooth in [(0, 0.0, False), (1, 0.7, False), (1, 0.7, True),
                                         (1, 0.0, True)]:
                 opcheck(torch.ops.fusedloss.elementwise_loss.default,
-                        (kind, x, y, delta, smooth, red, out))
+                        (kind, x, y, None, None, delta, smooth, red, out))
 
 
 def test_retain_graph(backend):
@@ -347,7 +347,7 @@ def test_whole_loss_op_strided():
                 (1, 0.7, True, lambda a, b, reduction: F.smooth_l1_loss(a, b, reduction=reduction,
                                                                         beta=0.7))]:
             for red, name in [(0, "none"), (1, "mean"), (2, "sum")]:
-                got = torch.ops.fusedloss.elementwise_loss(kind, x, y, delta, smooth, red,
+                got = torch.ops.fusedloss.elementwise_loss(kind, x, y, None, None, delta, smooth, red,
                                                            torch.float64)
                 want = ref(x, y, reduction=name)
                 torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -355,3 +355,29 @@ def test_whole_loss_op_strided():
                 torch.testing.assert_close(torch.autograd.grad(got, (x, y), go),
                                            torch.autograd.grad(want, (x, y), go),
                                            rtol=1e-12, atol=1e-12)
+
+
+def test_whole_loss_op_weights():
+    """fusedloss::elementwise_loss with broadcast weight / pos_weight (BCE) and a full-shape
+    weight (Huber): value and gradients against torch in float64, and opcheck."""
+    for shape, wshape, pshape in [((6, 5), (6, 1), (5,)), ((2, 3, 4, 2), (3, 1, 1), (3, 1, 1)),
+                                  ((2, 3, 2, 2, 2), (2,), (3, 1, 1, 1))]:
+        x, y = make(shape, torch.float64, "cpu")
+        x.requires_grad_(True)
+        y = y.clone().requires_grad_(True)
+        w = torch.rand(wshape, dtype=torch.float64)
+        pw = torch.rand(pshape, dtype=torch.float64) + 0.5
+        wh = torch.rand(shape, dtype=torch.float64)
+        for red, name in [(0, "none"), (1, "mean"), (2, "sum")]:
+            for args, want in [
+                    ((0, x, y, w, pw, 0.0, False), F.binary_cross_entropy_with_logits(
+                        x, y, weight=w, pos_weight=pw, reduction=name)),
+                    ((1, x, y, wh, None, 0.7, False), F.huber_loss(
+                        x, y, reduction=name, delta=0.7, weight=wh))]:
+                got = torch.ops.fusedloss.elementwise_loss(*args, red, torch.float64)
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+                go = torch.rand_like(want)
+                torch.testing.assert_close(torch.autograd.grad(got, (x, y), go),
+                                           torch.autograd.grad(want, (x, y), go),
+                                           rtol=1e-12, atol=1e-12)
+                opcheck(torch.ops.fusedloss.elementwise_loss.default, (*args, red, torch.float64))
