@@ -124,6 +124,11 @@ def peak_memory_mb(fn, device) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    # fusedloss keeps its last freed logits-sized buffer for reuse (fusedloss.release_buffers):
+    # freed here, so that the call's peak counts the buffer it needs.
+    import fusedloss
+
+    fusedloss.release_buffers()
     if not _reset_peak_rss():
         return float("nan")
     base = _rss_kb("VmRSS")

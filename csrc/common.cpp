@@ -1,5 +1,12 @@
 // The vectorised block loops of common.h and rows.h. The float versions are compiled once per ISA
 // (FL_MULTIVERSION); the double versions (gradcheck precision) are plain.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/core/impl/alloc_cpu.h>
+
+#include <cstdlib>
+#include <mutex>
+
 #include "rows.h"
 
 namespace fusedloss {
@@ -159,5 +166,63 @@ template <> float block_sum_exp(const float* x, int64_t n, float s) { return sum
 template <> double block_sum_exp(const double* x, int64_t n, double s) { return sum_exp_impl(x, n, s); }
 template <> float block_dot(const float* x, const float* w, int64_t n) { return dot_f(x, w, n); }
 template <> double block_dot(const double* x, const double* w, int64_t n) { return dot_impl(x, w, n); }
+
+// ---- reused large buffers (common.h) -----------------------------------------------------------
+
+namespace {
+constexpr size_t kReuseMinBytes = size_t(8) << 20;
+std::mutex g_kept_mutex;
+void* g_kept = nullptr;  // the one freed buffer kept, and its size
+size_t g_kept_bytes = 0;
+
+bool reuse_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("FUSEDLOSS_REUSE_BUFFERS");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
+// A buffer's deleter: keep the larger of it and the kept one, free the other.
+void give_back(void* p, size_t bytes) {
+  std::lock_guard<std::mutex> lock(g_kept_mutex);
+  if (g_kept != nullptr && g_kept_bytes >= bytes) {
+    c10::free_cpu(p);
+    return;
+  }
+  if (g_kept != nullptr) c10::free_cpu(g_kept);
+  g_kept = p;
+  g_kept_bytes = bytes;
+}
+}  // namespace
+
+at::Tensor empty_reused(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) *
+                       c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  if (!reuse_enabled() || bytes < kReuseMinBytes || !options.device().is_cpu()) {
+    return at::empty(sizes, options);
+  }
+  void* p = nullptr;
+  size_t cap = bytes;
+  {
+    std::lock_guard<std::mutex> lock(g_kept_mutex);
+    if (g_kept != nullptr && g_kept_bytes >= bytes && g_kept_bytes <= bytes + bytes / 2) {
+      std::swap(p, g_kept);
+      cap = g_kept_bytes;
+      g_kept_bytes = 0;
+    }
+  }
+  if (p == nullptr) p = c10::alloc_cpu(bytes);  // (honours THP_MEM_ALLOC_ENABLE, as torch's)
+  return at::from_blob(p, sizes, [cap](void* d) { give_back(d, cap); }, options);
+}
+
+int64_t release_buffers() {
+  std::lock_guard<std::mutex> lock(g_kept_mutex);
+  const int64_t freed = static_cast<int64_t>(g_kept_bytes);
+  if (g_kept != nullptr) c10::free_cpu(g_kept);
+  g_kept = nullptr;
+  g_kept_bytes = 0;
+  return freed;
+}
 
 }  // namespace fusedloss

@@ -169,6 +169,15 @@ struct OnlineLSE {
   T lse() const { return m + std::log(s); }
 };
 
+// A new uninitialised CPU tensor for a logits-sized result (a gradient). From 8 MiB up its memory is
+// reused: a freed buffer is kept (one, the largest) and handed out again for a request it fits,
+// up to 1.5x its size. Each fresh large allocation is mapped from the OS, and writing it pays a
+// page fault per 4 KiB page (4096x32000 fp32: ~400 ms of faults for ~55 ms of writes, measured);
+// a reused buffer's pages are already mapped. (PyTorch's CUDA caching allocator does the same on
+// GPUs.) FUSEDLOSS_REUSE_BUFFERS=0 turns it off; release_buffers() frees the kept buffer.
+at::Tensor empty_reused(at::IntArrayRef sizes, const at::TensorOptions& options);
+int64_t release_buffers();
+
 // Scalar arguments passed as 0-dim device tensors (so that no host sync is needed on CUDA) are
 // plain reads on the CPU.
 static inline double scalar_or(const c10::optional<at::Tensor>& t, double dflt) {

@@ -288,7 +288,7 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_scale, const at::Tensor& log
                              const at::Tensor& target, const at::Tensor& lse,
                              const c10::optional<at::Tensor>& weight, int64_t ignore_index,
                              double label_smoothing, double z_loss) {
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  at::Tensor grad = empty_reused(logits.sizes(), logits.options());
   ce_backward(grad_scale, logits, target, lse, weight, ignore_index, label_smoothing, z_loss, grad);
   return grad;
 }

@@ -367,7 +367,7 @@ at::Tensor distill_bwd(const at::Tensor& grad_scale, const at::Tensor& student,
                        const at::Tensor& teacher, const c10::optional<at::Tensor>& target,
                        const at::Tensor& stats, double temperature, double beta,
                        int64_t ignore_index, double hard_weight) {
-  at::Tensor grad = at::empty(student.sizes(), student.options());
+  at::Tensor grad = empty_reused(student.sizes(), student.options());
   distill_backward(grad_scale, student, teacher, target, stats, temperature, beta, ignore_index,
                    hard_weight, grad);
   return grad;

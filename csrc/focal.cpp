@@ -173,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_fwd(const at::Tensor& input,
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   auto opts = input.options().dtype(acc_dtype(input));
   at::Tensor loss = reduce ? at::empty({chunks}, opts) : at::empty(input.sizes(), opts);
-  at::Tensor grad = compute_grad ? at::empty(input.sizes(), input.options())
+  at::Tensor grad = compute_grad ? empty_reused(input.sizes(), input.options())
                                  : at::empty({0}, input.options());
   const auto dtype = input.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedloss_sfl", [&] {
@@ -307,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_fwd(const at::Tensor& logits,
   TORCH_CHECK(gamma >= 0, "fusedloss::softmax_focal: gamma must be >= 0");
   const int64_t rows = logits.size(0) * logits.size(2);
   at::Tensor loss = at::empty({rows}, logits.options().dtype(acc_dtype(logits)));
-  at::Tensor grad = compute_grad ? at::empty(logits.sizes(), logits.options())
+  at::Tensor grad = compute_grad ? empty_reused(logits.sizes(), logits.options())
                                  : at::empty({0}, logits.options());
   Targets T(target, logits.size(1), ignore_index);
   const auto dtype = logits.scalar_type();

@@ -24,6 +24,8 @@
 #include <algorithm>
 #include <tuple>
 
+#include "common.h"
+
 namespace {
 
 using OptTensor = c10::optional<at::Tensor>;
@@ -94,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
   const at::Tensor wt = linear_weight.t();  // [D, V] view: BLAS reads W transposed, no copy
 
   const int64_t rows = std::min(block_rows, n);
-  at::Tensor buf = at::empty({rows, v}, input.options());
+  at::Tensor buf = fusedloss::empty_reused({rows, v}, input.options());
   for (int64_t r = 0; r < n; r += rows) {
     const int64_t nb = std::min(rows, n - r);
     at::Tensor x_blk = input.narrow(0, r, nb);

@@ -16,6 +16,7 @@ from .modules import (BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, SigmoidFoc
 from .modules import DistillationLoss, KLDivLoss
 from .training import TrainStep
 from .linear_cross_entropy import LinearCrossEntropy, LinearCrossEntropyLoss  # noqa: E402
+from ._backend import release_buffers  # noqa: E402
 
 __version__ = "0.1.0"  # the one place: pyproject.toml reads it from here
 
@@ -23,7 +24,7 @@ __all__ = [
     "functional", "reference", "training",
     "CrossEntropyLoss", "BCEWithLogitsLoss", "HuberLoss", "SmoothL1Loss",
     "SigmoidFocalLoss", "SoftmaxFocalLoss", "VocabParallelCrossEntropyLoss", "TrainStep",
-    "backends", "use_backend",
+    "backends", "use_backend", "release_buffers",
     "LinearCrossEntropy", "LinearCrossEntropyLoss",
     "KLDivLoss", "DistillationLoss",
 ]

@@ -66,6 +66,13 @@ def _choose(device_type: str) -> str:
     return "op" if HAS_CPP and device_type == "cpu" else "reference"
 
 
+def release_buffers() -> int:
+    """Free the large CPU buffer fusedloss keeps for reuse (the last freed logits-sized gradient,
+    kept so that the next step's gradient is written to memory already mapped: no page faults);
+    returns its size in bytes. FUSEDLOSS_REUSE_BUFFERS=0 turns the reuse off."""
+    return torch.ops.fusedloss.release_buffers() if HAS_CPP else 0
+
+
 def cpu_op() -> bool:
     """True when a plain CPU tensor takes the C++ op (nothing forces another backend): the
     functionals' one-call fast path (see cross_entropy.cross_entropy)."""

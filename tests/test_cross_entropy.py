@@ -545,3 +545,27 @@ def test_tiles_and_rows(layout, C, dtype):
     cross_entropy(xx, t, weight=w, label_smoothing=0.2, inplace_backward=True).backward()
     torch.testing.assert_close(xx.detach().double(), gr, atol=2e-2 if dtype == torch.bfloat16
                                else 1e-6, rtol=0)
+
+
+def test_gradient_buffer_reuse():
+    """A freed logits-sized (>= 8 MiB) gradient's memory is kept and reused by the next backward
+    (no page faults on fresh memory); the reused buffer's old values never leak into the new
+    gradient (ignored rows included), and release_buffers() frees what is kept."""
+    fusedloss.release_buffers()
+    x = randn(64, 40000)  # 10 MiB of fp32
+    t = torch.randint(0, 40000, (64,))
+    t2 = t.clone()
+    t2[::3] = -100
+    xa = x.clone().requires_grad_()
+    cross_entropy(xa, t, label_smoothing=0.5).backward()
+    del xa  # its gradient is freed: the buffer is kept
+    xa = x.clone().requires_grad_()
+    cross_entropy(xa, t2).backward()
+    assert fusedloss.release_buffers() == 0  # the kept buffer is the new gradient's
+    xr = x.double().requires_grad_()
+    (g_ref,) = torch.autograd.grad(F.cross_entropy(xr, t2), xr)
+    torch.testing.assert_close(xa.grad.double(), g_ref, atol=1e-9, rtol=1e-5)
+    assert (xa.grad[::3] == 0).all()
+    del xa
+    assert fusedloss.release_buffers() == x.numel() * 4
+    assert fusedloss.release_buffers() == 0
