@@ -43,6 +43,10 @@ def parse_args(description: str, extra=None):
                         "(256x1000) and large (the loss's bandwidth shapes)")
     p.add_argument("--providers", default=None, help="comma-separated subset of providers")
     p.add_argument("--no-save", action="store_true", help="print only; write no CSV/JSON")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every provider of a case this many times, interleaved (round-robin)"
+                        ": the median of the rounds' medians is reported, and their min-max in "
+                        "place of p20-p80 (a shared machine's slow spells hit every provider)")
     if extra is not None:
         extra(p)
     args = p.parse_args()
@@ -207,28 +211,42 @@ def run(loss: str, cases, providers: dict, nbytes, args) -> list:
     names = list(providers) if not args.providers else args.providers.split(",")
     rows = []
     total, done = len(cases) * len(names), 0
-    # Phase 1 times every (case, provider); phase 2 measures peak memory.
+    # Phase 1 times every (case, provider), the providers of a case interleaved over --rounds;
+    # phase 2 measures peak memory.
     for case, make in cases:
+        live = {}
         for name in names:
-            done += 1
             inputs = make()
-            fn = lambda: providers[name](inputs)  # noqa: E731
+            fn = (lambda f, i: lambda: f(i))(providers[name], inputs)
             try:
                 fn()  # warm-up / compile
                 fn()
-                med, p20, p80 = time_ms(fn, device)
             except Exception as exc:  # report and go on: one broken provider must not hide others
                 print(f"[{loss}] {case} {name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
+            live[name] = (fn, inputs)
+        meds = {name: [] for name in live}
+        for r in range(args.rounds):
+            for name, (fn, _) in live.items():
+                meds[name].append(time_ms(fn, device))
+                if r == args.rounds - 1:
+                    done += 1
+                print(f"[{loss} {done}/{total}] {case} / {name} (round {r + 1}/{args.rounds}): "
+                      f"{meds[name][-1][0]:.3f} ms", file=sys.stderr, flush=True)
+        for name, (_, inputs) in live.items():
+            ms = meds[name]
+            if len(ms) == 1:
+                med, p20, p80 = ms[0]
+            else:
+                med, p20, p80 = statistics.median(m[0] for m in ms), min(m[0] for m in ms), max(
+                    m[0] for m in ms)
             gbs = nbytes(inputs) / (med * 1e-3) / 1e9
-            print(f"[{loss} {done}/{total}] {case} / {name}: {med:.3f} ms", file=sys.stderr,
-                  flush=True)
             rows.append(dict(loss=loss, case=case, provider=name, median_ms=med, p20_ms=p20,
                              p80_ms=p80, gb_per_s=gbs, peak_mb=float("nan"),
                              device=device_name(device), date=datetime.date.today().isoformat(),
-                             **machine(device), **versions()))
-            del inputs
-            gc.collect()
+                             rounds=args.rounds, **machine(device), **versions()))
+        del live
+        gc.collect()
     for i, r in enumerate(rows):
         print(f"[{loss}] peak memory {i + 1}/{len(rows)}", file=sys.stderr, flush=True)
         if device.type == "cpu":
@@ -247,14 +265,20 @@ def run(loss: str, cases, providers: dict, nbytes, args) -> list:
 
 
 def print_table(rows) -> None:
-    print("| case | provider | median ms (p20-p80) | vs first | GB/s | peak MiB |")
-    print("|---|---|---|---|---|---|")
+    """The markdown table; where a case has a "floor" provider (the memory traffic an ideal pass
+    cannot avoid), each row also gives its time as a multiple of that floor."""
+    floors = {r["case"]: r["median_ms"] for r in rows if r["provider"] == "floor"}
+    extra = " x floor |" if floors else ""
+    print("| case | provider | median ms (p20-p80) | vs first | GB/s | peak MiB |" + extra)
+    print("|---|---|---|---|---|---|" + ("---|" if floors else ""))
     first = {}
     for r in rows:
         base = first.setdefault(r["case"], r["median_ms"])
+        fl = floors.get(r["case"])
+        tail = (f" {r['median_ms'] / fl:.2f} |" if fl else " |") if floors else ""
         print(f"| {r['case']} | {r['provider']} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}-"
               f"{r['p80_ms']:.2f}) | {r['median_ms'] / base:.2f}x | {r['gb_per_s']:.1f} | "
-              f"{r['peak_mb']:.0f} |")
+              f"{r['peak_mb']:.0f} |" + tail)
 
 
 def save(loss: str, rows, device_type: str) -> None:
