@@ -26,6 +26,22 @@ def block_us(fn, x0, target, n):
     return (time.thread_time() - t0) / n * 1e6
 
 
+def _torch_sigmoid_focal(x, y, alpha=0.25, gamma=2.0):
+    """torchvision.ops.sigmoid_focal_loss (mean), in plain torch ops as torchvision writes it."""
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    p_t = p * y + (1 - p) * (1 - y)
+    loss = ce * ((1 - p_t) ** gamma)
+    loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
+    return loss.mean()
+
+
+def _torch_distill(student, teacher):
+    """Forward-KL distillation (temperature 1) as eager torch writes it."""
+    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), reduction="batchmean",
+                    log_target=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("label", nargs="?", default="")
@@ -38,6 +54,8 @@ def main():
     t = torch.randint(0, 10, (32,), generator=g)
     y = torch.rand(32, 10, generator=g)
     pw = torch.rand(10, generator=g) + 0.5
+    q = torch.softmax(torch.randn(32, 10, generator=g), 1)
+    teacher = torch.randn(32, 10, generator=g)
     cases = [("cross_entropy", F.cross_entropy, FL.cross_entropy, t),
              ("cross_entropy_ls", lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1),
               lambda x, t: FL.cross_entropy(x, t, label_smoothing=0.1), t),
@@ -46,7 +64,12 @@ def main():
              ("bce_pos_weight", lambda x, y: F.binary_cross_entropy_with_logits(x, y, pos_weight=pw),
               lambda x, y: FL.binary_cross_entropy_with_logits(x, y, pos_weight=pw), y),
              ("huber", F.huber_loss, FL.huber_loss, y),
-             ("smooth_l1", F.smooth_l1_loss, FL.smooth_l1_loss, y)]
+             ("smooth_l1", F.smooth_l1_loss, FL.smooth_l1_loss, y),
+             ("kl_div", lambda x, q: F.kl_div(x, q, reduction="batchmean"),
+              lambda x, q: FL.kl_div(x, q, reduction="batchmean"), q),
+             ("sigmoid_focal", _torch_sigmoid_focal,
+              lambda x, y: FL.sigmoid_focal_loss(x, y, reduction="mean"), y),
+             ("distillation", _torch_distill, FL.distillation_loss, teacher)]
     out = []
     for name, theirs, ours, target in cases:
         block_us(theirs, x0, target, args.calls)  # warm-up

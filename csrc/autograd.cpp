@@ -1,5 +1,5 @@
 // Whole-loss ops with their autograd in C++: fusedloss::cross_entropy and
-// fusedloss::elementwise_loss (BCE-with-logits, Huber / SmoothL1).
+// fusedloss::elementwise_loss (BCE-with-logits, Huber / SmoothL1, KL divergence).
 //
 // Why: on a small batch (32 x 10) the time of a loss is per-call overhead, not memory traffic. A
 // Python autograd.Function, its ctx and a dozen small tensor ops from Python cost 2-3x what torch's
@@ -11,6 +11,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/index_select.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/ne.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -244,7 +245,19 @@ using HuberBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const 
                                             const optional<Tensor>&, double, bool, int64_t, bool,
                                             bool);
 
-constexpr int64_t kBce = 0;  // the other kind, 1, is Huber / SmoothL1
+using KlFwd = Tensor(const Tensor&, const Tensor&, bool, int64_t);
+using KlBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool, int64_t,
+                                         bool, bool);
+
+// kind: 0 BCE-with-logits, 1 Huber / SmoothL1 (flag: SmoothL1), 2 KL divergence (flag:
+// log_target). reduction: 0 none, 1 mean, 2 sum, 3 batchmean (KL: sum / input.size(0)).
+constexpr int64_t kBce = 0, kHuber = 1, kKl = 2, kBatchmean = 3;
+
+// The kernels' reduction (batchmean sums) and the factor the result takes after it.
+int64_t kernel_reduction(int64_t reduction) { return reduction == kBatchmean ? 2 : reduction; }
+double batchmean_factor(const Tensor& x, int64_t reduction) {
+  return reduction == kBatchmean && x.dim() > 0 ? 1.0 / static_cast<double>(x.size(0)) : 1.0;
+}
 
 // The operands of one call: input and target, and weight / pos_weight (None, or broadcast to the
 // input's shape: stride 0, no copy) in the acc dtype; as the 4-d views of one shape the kernels
@@ -279,15 +292,16 @@ struct EwOperands {
 
 void check_ew(int64_t kind, const Tensor& input, const Tensor& target,
               const optional<Tensor>& weight, const optional<Tensor>& pos_weight, double delta,
-              bool smooth_l1, int64_t reduction, at::ScalarType out_dtype) {
+              bool flag, int64_t reduction, at::ScalarType out_dtype) {
   TORCH_CHECK(at::isFloatingType(input.scalar_type()) &&
                   target.scalar_type() == input.scalar_type() &&
                   input.sizes() == target.sizes() && input.device() == target.device(),
               "fusedloss::elementwise_loss: input and target must be floating tensors of one "
               "shape, dtype and device");
-  TORCH_CHECK((kind == kBce || kind == 1) && reduction >= 0 && reduction <= 2,
+  TORCH_CHECK(kind >= kBce && kind <= kKl && reduction >= 0 &&
+                  reduction <= (kind == kKl ? kBatchmean : 2),
               "fusedloss::elementwise_loss: kind or reduction out of range");
-  TORCH_CHECK(kind == kBce || (smooth_l1 ? delta >= 0 : delta > 0),
+  TORCH_CHECK(kind != kHuber || (flag ? delta >= 0 : delta > 0),
               "fusedloss::elementwise_loss: delta (beta) out of range");
   TORCH_CHECK(reduction != 0 || out_dtype == input.scalar_type(),
               "fusedloss::elementwise_loss: reduction 'none' returns the input's dtype");
@@ -298,24 +312,31 @@ void check_ew(int64_t kind, const Tensor& input, const Tensor& target,
     // weight of another dtype: that case takes Python's path.
     TORCH_CHECK(at::isFloatingType(u.scalar_type()) && u.device() == input.device() &&
                     !u.requires_grad() && at::is_expandable_to(u.sizes(), input.sizes()) &&
-                    (kind == kBce || (t == &weight && u.sizes() == input.sizes() &&
+                    (kind == kBce || (kind == kHuber && t == &weight &&
+                                      u.sizes() == input.sizes() &&
                                       u.scalar_type() == input.scalar_type())),
-                "fusedloss::elementwise_loss: weight and pos_weight (BCE only) must be floating "
+                "fusedloss::elementwise_loss: weight (BCE, Huber) and pos_weight (BCE) must be "
+                "floating "
                 "tensors on the input's device that broadcast to its shape (Huber: of its shape "
                 "and dtype) and need no gradient");
   }
 }
 
-Tensor ew_forward(int64_t kind, const EwOperands& o, double delta, bool smooth_l1,
+Tensor ew_forward(int64_t kind, const EwOperands& o, double delta, bool flag,
                   int64_t reduction, at::ScalarType out_dtype) {
   Tensor loss;
+  const int64_t r = kernel_reduction(reduction);
   if (kind == kBce) {
     static auto fwd = typed_op<EwFwd>("fusedloss::bce_fwd");
-    loss = fwd.call(o.view4(o.x), o.view4(o.y), o.view4(o.w), o.view4(o.pw), reduction);
-  } else {
+    loss = fwd.call(o.view4(o.x), o.view4(o.y), o.view4(o.w), o.view4(o.pw), r);
+  } else if (kind == kHuber) {
     static auto fwd = typed_op<HuberFwd>("fusedloss::huber_fwd");
-    loss = fwd.call(o.view4(o.x), o.view4(o.y), o.view4(o.w), delta, smooth_l1, reduction);
+    loss = fwd.call(o.view4(o.x), o.view4(o.y), o.view4(o.w), delta, flag, r);
+  } else {
+    static auto fwd = typed_op<KlFwd>("fusedloss::kl_div_fwd");
+    loss = fwd.call(o.view4(o.x), o.view4(o.y), flag, r);
   }
+  if (reduction == kBatchmean) loss = loss.mul(batchmean_factor(o.x, reduction));
   return cast(reduction == 0 ? loss.view_symint(o.x.sym_sizes()) : loss, out_dtype);
 }
 
@@ -325,7 +346,7 @@ struct ElementwiseBackward : torch::autograd::Node {
   optional<Tensor> weight, pos_weight;  // in the acc dtype, not broadcast; need no gradient
   int64_t kind = 0, reduction = 0;
   double delta = 0;
-  bool smooth_l1 = false;
+  bool flag = false;
 
   std::string name() const override { return "fusedloss::ElementwiseLossBackward"; }
   void release_variables() override {
@@ -344,16 +365,22 @@ struct ElementwiseBackward : torch::autograd::Node {
     if (!go.defined() || !(gi || gt)) return grads;
     const EwOperands o(input.unpack(), target.unpack(), weight, pos_weight);
     // A full-shape grad_output for 'none', a 0-dim one (expanded: no copy) otherwise.
-    const Tensor go4 = o.view4(cast(go, o.x.scalar_type()).expand_symint(o.x.sym_sizes()));
+    Tensor g = cast(go, o.x.scalar_type());
+    if (reduction == kBatchmean) g = g.mul(batchmean_factor(o.x, reduction));
+    const Tensor go4 = o.view4(g.expand_symint(o.x.sym_sizes()));
+    const int64_t r = kernel_reduction(reduction);
     Tensor gx, gy;
     if (kind == kBce) {
       static auto bwd = typed_op<EwBwd>("fusedloss::bce_bwd");
       std::tie(gx, gy) = bwd.call(go4, o.view4(o.x), o.view4(o.y), o.view4(o.w),
-                                  o.view4(o.pw), reduction, gi, gt);
-    } else {
+                                  o.view4(o.pw), r, gi, gt);
+    } else if (kind == kHuber) {
       static auto bwd = typed_op<HuberBwd>("fusedloss::huber_bwd");
       std::tie(gx, gy) = bwd.call(go4, o.view4(o.x), o.view4(o.y), o.view4(o.w), delta,
-                                  smooth_l1, reduction, gi, gt);
+                                  flag, r, gi, gt);
+    } else {
+      static auto bwd = typed_op<KlBwd>("fusedloss::kl_div_bwd");
+      std::tie(gx, gy) = bwd.call(go4, o.view4(o.x), o.view4(o.y), flag, r, gi, gt);
     }
     if (gi) grads[0] = gx.view_symint(o.x.sym_sizes());
     if (gt) grads[1] = gy.view_symint(o.y.sym_sizes());
@@ -363,13 +390,13 @@ struct ElementwiseBackward : torch::autograd::Node {
 
 Tensor elementwise_autograd(int64_t kind, const Tensor& input, const Tensor& target,
                             const optional<Tensor>& weight, const optional<Tensor>& pos_weight,
-                            double delta, bool smooth_l1, int64_t reduction,
+                            double delta, bool flag, int64_t reduction,
                             at::ScalarType out_dtype) {
-  check_ew(kind, input, target, weight, pos_weight, delta, smooth_l1, reduction, out_dtype);
+  check_ew(kind, input, target, weight, pos_weight, delta, flag, reduction, out_dtype);
   Tensor out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    out = ew_forward(kind, EwOperands(input, target, weight, pos_weight), delta, smooth_l1,
+    out = ew_forward(kind, EwOperands(input, target, weight, pos_weight), delta, flag,
                      reduction, out_dtype);
   }
   if (torch::autograd::compute_requires_grad(input, target)) {
@@ -382,7 +409,7 @@ Tensor elementwise_autograd(int64_t kind, const Tensor& input, const Tensor& tar
     node->kind = kind;
     node->reduction = reduction;
     node->delta = delta;
-    node->smooth_l1 = smooth_l1;
+    node->flag = flag;
     torch::autograd::set_history(out, node);
   }
   return out;
@@ -390,10 +417,10 @@ Tensor elementwise_autograd(int64_t kind, const Tensor& input, const Tensor& tar
 
 Tensor elementwise_plain(int64_t kind, const Tensor& input, const Tensor& target,
                          const optional<Tensor>& weight, const optional<Tensor>& pos_weight,
-                         double delta, bool smooth_l1, int64_t reduction,
+                         double delta, bool flag, int64_t reduction,
                          at::ScalarType out_dtype) {
-  check_ew(kind, input, target, weight, pos_weight, delta, smooth_l1, reduction, out_dtype);
-  return ew_forward(kind, EwOperands(input, target, weight, pos_weight), delta, smooth_l1,
+  check_ew(kind, input, target, weight, pos_weight, delta, flag, reduction, out_dtype);
+  return ew_forward(kind, EwOperands(input, target, weight, pos_weight), delta, flag,
                     reduction, out_dtype);
 }
 

@@ -75,11 +75,12 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "cross_entropy(Tensor input, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing, float z_loss, ScalarType out_dtype) -> Tensor");
-  // kind 0: BCE-with-logits, 1: Huber (SmoothL1 if smooth_l1); input and target of one shape
-  // and dtype; weight (and pos_weight, BCE) broadcast to it, needing no gradient.
+  // kind 0: BCE-with-logits, 1: Huber (SmoothL1 if flag), 2: KL divergence (log_target if flag;
+  // reduction 3: batchmean); input and target of one shape and dtype; weight (BCE, Huber) and
+  // pos_weight (BCE) broadcast to it, needing no gradient.
   m.def(
       "elementwise_loss(int kind, Tensor input, Tensor target, Tensor? weight, "
-      "Tensor? pos_weight, float delta, bool smooth_l1, int reduction, ScalarType out_dtype) "
+      "Tensor? pos_weight, float delta, bool flag, int reduction, ScalarType out_dtype) "
       "-> Tensor");
   // KL divergence (torch's kl_div), element-wise as bce / huber above: input log-probabilities,
   // target probabilities (log-probabilities if log_target); reduction 0/1/2 = none/mean/sum

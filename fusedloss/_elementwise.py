@@ -127,14 +127,14 @@ class ElementwiseLoss(torch.autograd.Function):
 if _backend.HAS_CPP:
 
     @torch.library.register_fake("fusedloss::elementwise_loss")
-    def _whole_fake(kind, input, target, weight, pos_weight, delta, smooth_l1, reduction,
-                    out_dtype):
+    def _whole_fake(kind, input, target, weight, pos_weight, delta, flag, reduction, out_dtype):
         return input.new_empty(input.shape if reduction == 0 else (), dtype=out_dtype)
 
 
-def fast(kind, input, target, weight, pos_weight, delta, smooth_l1, reduction):
+def fast(kind, input, target, weight, pos_weight, delta, flag, reduction):
     """The common case as one call of fusedloss::elementwise_loss (kind 0 BCE, 1 Huber /
-    SmoothL1), which runs the kernels and the autograd in C++ and checks the arguments itself: a
+    SmoothL1 (flag), 2 KL divergence (flag: log_target; reduction 'batchmean' too)), which runs
+    the kernels and the autograd in C++ and checks the arguments itself: a
     small batch's time is per-call overhead. None where it does not apply or the op rejects the
     arguments (input and target of other shapes or dtypes, a weight that needs a gradient, bad
     values): the caller then takes its full path, whose checks name the bad argument. The result's
@@ -142,11 +142,11 @@ def fast(kind, input, target, weight, pos_weight, delta, smooth_l1, reduction):
     returns)."""
     if (type(input) is torch.Tensor and type(target) is torch.Tensor and input.is_cpu
             and type(reduction) is str and _backend.cpu_op()):
-        code = REDUCTION_CODE.get(reduction)
+        code = 3 if reduction == "batchmean" else REDUCTION_CODE.get(reduction)
         if code is not None:
             try:
                 return torch.ops.fusedloss.elementwise_loss.default(
-                    kind, input, target, weight, pos_weight, float(delta), smooth_l1, code,
+                    kind, input, target, weight, pos_weight, float(delta), bool(flag), code,
                     out_dtype(input))
             except RuntimeError:
                 pass

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from . import _backend
+from . import _backend, _elementwise
 from ._common import (FusedLossTypeError, FusedLossValueError, amp_dtype, check_same_device,
                       check_tensor, resolve_reduction)
 from ._elementwise import IMPLS, ElementwiseLoss, broadcast_shape, fake_bwd, fake_fwd
@@ -63,6 +63,11 @@ def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_
     size_average / reduce override reduction, as in torch. The result has the promoted dtype of
     input and target.
     """
+    if (size_average is None and reduce is None and reduction != "mean"
+            and type(log_target) is bool):
+        out = _elementwise.fast(2, input, target, None, None, 0.0, log_target, reduction)
+        if out is not None:
+            return out
     if size_average is not None or reduce is not None:
         reduction = resolve_reduction("mean", size_average, reduce)
     else:

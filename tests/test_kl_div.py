@@ -218,3 +218,30 @@ def test_reference_backend(monkeypatch, reduction):
     check(x, y[:1], reduction=reduction)
     x, y = make((5, 6), torch.float16, "cpu", log_target=True)
     check(x, y, reduction=reduction, log_target=True)
+
+
+def test_whole_loss_op():
+    """fusedloss::elementwise_loss kind 2 (KL divergence; the functional's one-call path) for
+    every reduction, batchmean (code 3) included, both target forms: value and both gradients
+    against torch in float64, opcheck, and a bf16 input with an fp32 result (autocast)."""
+    for log_target in (False, True):
+        x, y = make((4, 6), torch.float64, "cpu", log_target=log_target)
+        x.requires_grad_(True)
+        y = y.clone().requires_grad_(True)
+        for code, name in [(0, "none"), (1, "mean"), (2, "sum"), (3, "batchmean")]:
+            args = (2, x, y, None, None, 0.0, log_target, code, torch.float64)
+            got = torch.ops.fusedloss.elementwise_loss(*args)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's 'mean' warning
+                want = F.kl_div(x, y, reduction=name, log_target=log_target)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            go = torch.rand_like(want)
+            torch.testing.assert_close(torch.autograd.grad(got, (x, y), go),
+                                       torch.autograd.grad(want, (x, y), go), rtol=1e-12,
+                                       atol=1e-12)
+            opcheck(torch.ops.fusedloss.elementwise_loss.default, args)
+        xb, yb = x.detach().bfloat16(), y.detach().bfloat16()
+        opcheck(torch.ops.fusedloss.elementwise_loss.default,
+                (2, xb, yb, None, None, 0.0, log_target, 3, torch.float32))
+    with pytest.raises(RuntimeError, match="elementwise_loss"):  # batchmean is KL's only
+        torch.ops.fusedloss.elementwise_loss(0, x, y, None, None, 0.0, False, 3, torch.float64)
