@@ -66,8 +66,12 @@ def rows_block(n_cols: int, n_rows: int):
     return rows, block, num_warps
 
 
-# Spatial tiles (inputs (N, C, d1..dk) whose pixels are contiguous): pixels per program, and
-# elements per [BLOCK_C, BLOCK_D] block of the class sweep (as ROWS_TILE).
+# Spatial tiles (inputs (N, C, d1..dk) whose pixels are contiguous): the fewest pixels per image
+# for which they are used, and the most pixels per program (blocks of the class sweep hold
+# ROWS_TILE elements). Below TILE_MIN_D a program would hold a handful of pixels of one image;
+# there the rows kernels take ROWS consecutive pixels (several images) per program instead, and
+# a row's classes, D apart, are only a few 32-byte sectors apart.
+TILE_MIN_D = 16
 TILE_MAX_D = 128
 
 
@@ -83,9 +87,9 @@ def tile_block(n_cols: int, D: int):
 
 
 def use_tiles(logits: torch.Tensor, *out: torch.Tensor) -> bool:
-    """The spatial tile path: logits [N, C, D] with D > 1 pixels one element apart (as in
-    out, the tensors the kernel writes with the same geometry)."""
-    return logits.shape[2] > 1 and all(t.stride(2) == 1 for t in (logits, *out))
+    """The spatial tile path: logits [N, C, D] with D >= TILE_MIN_D pixels one element apart
+    (as in out, the tensors the kernel writes with the same geometry)."""
+    return logits.shape[2] >= TILE_MIN_D and all(t.stride(2) == 1 for t in (logits, *out))
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -110,8 +110,8 @@ def _every_loss(device):
                  F.linear_cross_entropy(x, torch.randn(7, 5, device=device), t.clamp(0, 6))]:
         loss.backward()
     # (N, C, H, W) with contiguous pixels: the spatial tile kernels
-    x4 = torch.randn(2, 5, 3, 2, device=device, requires_grad=True)
-    t4 = torch.randint(0, 5, (2, 3, 2), device=device)
+    x4 = torch.randn(2, 5, 4, 4, device=device, requires_grad=True)
+    t4 = torch.randint(0, 5, (2, 4, 4), device=device)
     for loss in [F.cross_entropy(x4, t4), F.softmax_focal_loss(x4, t4)]:
         loss.backward()
     # wide rows (C > kernels._common.ROWS_MAX_C): the one-row-per-program kernels

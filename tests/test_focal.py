@@ -549,8 +549,7 @@ def test_softmax_spatial_tiles(monkeypatch):
 
     for name in ("_softmax_focal_fwd_kernel", "_softmax_focal_fwd_rows_kernel"):
         monkeypatch.setattr(kfocal, name, Forbidden())
-    test_softmax_ignore_index_alpha(be, (2, 5, 3, 2), "none")
-    # (test_softmax_gradcheck and test_softmax_gamma0_is_cross_entropy take the tiles too)
+    test_softmax_ignore_index_alpha(be, (2, 5, 4, 4), "none")  # 16 pixels: _common.TILE_MIN_D
     for C in (10, 300):  # C = 300: ten class blocks of 32; 130 pixels: two tiles
         x, t = confident_rows(130, C, 30.0)
         xi, ti = x.t().contiguous()[None].to(be.device), t[None].to(be.device)

@@ -105,13 +105,13 @@ for dt in each():
         F.cross_entropy(xv, t, inplace_backward=True).backward()
     # (N, C, H, W): spatial tiles (pixels contiguous), in-place (one-read with mean, recompute
     # with none); every option and several class blocks in fp32 and bf16 only (compile time)
-    x4 = torch.randn(2, 5, 3, 2, dtype=dt); t4 = torch.randint(0, 5, (2, 3, 2)); w = torch.rand(5)
+    x4 = torch.randn(2, 5, 4, 4, dtype=dt); t4 = torch.randint(0, 5, (2, 4, 4)); w = torch.rand(5)
     grad_of(lambda x: F.cross_entropy(x, t4, weight=w, label_smoothing=0.1), x4)
     for kw in [{}, dict(reduction="none")]:
         xv = x4.detach().clone().requires_grad_(True) * 1.0
         F.cross_entropy(xv, t4, inplace_backward=True, **kw).sum().backward()
     if dt in (torch.float32, torch.bfloat16):
-        x4 = torch.randn(2, 300, 3, 2, dtype=dt); t4 = torch.randint(0, 300, (2, 3, 2))
+        x4 = torch.randn(2, 300, 4, 4, dtype=dt); t4 = torch.randint(0, 300, (2, 4, 4))
         w = torch.rand(300)
         for kw in [{}, dict(label_smoothing=0.1), dict(z_loss=1e-3, reduction="none"),
                    dict(weight=w, reduction="sum")]:
@@ -119,8 +119,10 @@ for dt in each():
         xv = x.detach().clone().requires_grad_(True) * 1.0
         F.cross_entropy(xv, t, inplace_backward=True, reduction="sum", weight=torch.rand(C),
                         label_smoothing=0.1).backward()
-    # channels_last (pixels C apart): the row kernels
-    x4 = torch.randn(2, 5, 3, 2, dtype=dt).to(memory_format=torch.channels_last)
+    # channels_last (pixels C apart), and few pixels per image (below TILE_MIN_D): the row kernels
+    x4 = torch.randn(2, 5, 4, 4, dtype=dt).to(memory_format=torch.channels_last)
+    grad_of(lambda x: F.cross_entropy(x, torch.randint(0, 5, (2, 4, 4)), reduction="none"), x4)
+    x4 = torch.randn(2, 5, 3, 2, dtype=dt)
     grad_of(lambda x: F.cross_entropy(x, torch.randint(0, 5, (2, 3, 2)), reduction="none"), x4)
 
 # the other losses, where present
