@@ -4,6 +4,11 @@ Class-index targets run fused kernels (csrc/cross_entropy.cpp on the CPU, kernel
 on CUDA): forward reads each row once and keeps only the per-row lse; backward reads it once more and
 writes the gradient with grad_output and the mean's 1/sum of weights folded in.
 Probability targets take a plain-PyTorch path (fp32 math).
+
+inplace_backward=True on the Triton kernels (CUDA) with reduction 'mean' or 'sum' and contiguous
+logits takes the one-read scheme instead (_one_read): forward writes the gradient over the logits in
+the pass that reads them, so `input` holds its gradient as soon as the loss returns, not only after
+backward.
 """
 import torch
 
@@ -74,6 +79,23 @@ def _ce_forward(x3, t, w, ignore_index, label_smoothing, z_loss, check_targets=T
     return _backend.impl(be, _tk, "cross_entropy_fwd")(x3, t, w, ignore_index, label_smoothing, z_loss)
 
 
+def _one_read(backend: str, x3: torch.Tensor, reduction: str) -> bool:
+    """Whether inplace_backward takes the one-read scheme: forward writes the gradient (for
+    grad_output = 1, the mean's 1/sum of weights folded in) over the logits as it reads them,
+    backward only scales it, on the device and only when grad_output is not 1 (kernels/
+    cross_entropy.py scale_inplace). Per fwd+bwd that is one read and one write of the logits
+    where recomputing reads them twice: on a GPU, with no page faults to avoid, the cheaper.
+
+    Only on the Triton kernels (CUDA tensors, or CPU tensors under the interpreter, so that the
+    tests run it; the C++ CPU kernels keep the recompute scheme, measured faster there), for
+    'mean' and 'sum' (with 'none' grad_output is one factor per row, unknown at forward: scaling
+    afterwards would cost a pass more than recomputing) and contiguous logits (scale_inplace
+    runs over one flat run)."""
+    if _tk is None or reduction == "none" or not x3.is_contiguous():
+        return False
+    return backend == "triton" or (backend == "op" and x3.device.type == "cuda")
+
+
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, label_smoothing, z_loss, reduction,
@@ -82,18 +104,31 @@ class _CrossEntropy(torch.autograd.Function):
         t = target.reshape(-1).long().contiguous()
         acc = acc_dtype(input.dtype)
         w = None if weight is None else weight.to(acc).contiguous()
-        loss, lse = _ce_forward(x3, t, w, ignore_index, label_smoothing, z_loss)
-        denom = None
-        if reduction == "mean":
-            denom = class_weight_sum(t, w, ignore_index, x3.shape[1], acc)
-        out = reduce_loss(loss, reduction, denom)
-        out = out.view(target.shape) if reduction == "none" else out
+        be = _backend.backend_for(x3)
         # The gradient goes over the logits only where x3 really is the input's memory, and not
         # under torch.compile (which plans its own buffers).
         ctx.inplace = (inplace and ctx.needs_input_grad[0] and not torch.compiler.is_compiling()
                        and x3.data_ptr() == input.data_ptr())
+        ctx.one_read = ctx.inplace and _one_read(be, x3, reduction)
+        denom = None
+        if reduction == "mean":
+            denom = class_weight_sum(t, w, ignore_index, x3.shape[1], acc)
+        if ctx.one_read:
+            # Eager only (ctx.inplace excludes torch.compile), so the Triton launcher is called
+            # directly, also where the op backend would dispatch to it.
+            check_class_targets_for(_FN, be, x3, t, x3.shape[1], ignore_index)
+            scale = None if denom is None else denom.reciprocal()
+            loss, lse = _tk.cross_entropy_fwd(x3, t, w, ignore_index, label_smoothing, z_loss,
+                                              grad_scale=scale, grad=x3)
+            # From here the logits hold their gradient: whatever saved them for its backward
+            # raises instead of reading a gradient as logits.
+            torch.autograd.graph.increment_version(input)
+        else:
+            loss, lse = _ce_forward(x3, t, w, ignore_index, label_smoothing, z_loss)
+        out = reduce_loss(loss, reduction, denom)
+        out = out.view(target.shape) if reduction == "none" else out
         ctx.reduction, ctx.options = reduction, (ignore_index, label_smoothing, z_loss)
-        ctx.backend = _backend.backend_for(x3)  # backward runs where forward ran (use_backend)
+        ctx.backend = be  # backward runs where forward ran (use_backend)
         ctx.save_for_backward(input, t, w, lse, denom)
         return out.to(amp_dtype(input))
 
@@ -102,6 +137,13 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         input, t, w, lse, denom = ctx.saved_tensors
         x3 = _rows3d(input)
+        if ctx.one_read:
+            # The gradient is already there for grad_output = 1; scale_inplace multiplies by
+            # grad_output unless it is 1, decided on the device. The version bump makes a
+            # second backward (retain_graph) raise instead of scaling a gradient twice.
+            _tk.scale_inplace(x3, grad_out.reshape(1).to(lse.dtype))
+            torch.autograd.graph.increment_version(input)
+            return input, None, None, None, None, None, None, None
         # grad_output (one per row for 'none'), times 1/sum of weights for mean, in the acc dtype.
         scale = grad_out.reshape(-1).to(lse.dtype)
         if denom is not None:
@@ -199,5 +241,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         check_class_targets_for(_FN, backend, input, target, n_classes, ignore_index)
         return _whole_op(input, target, weight, REDUCTION_CODE[reduction], int(ignore_index),
                          float(label_smoothing), float(z_loss), amp_dtype(input))
+    # Under no_grad no backward will come: nothing may be written over the logits (the one-read
+    # scheme writes in forward, where grad mode is always off).
     return _CrossEntropy.apply(input, target, weight, int(ignore_index), float(label_smoothing),
-                               float(z_loss), reduction, bool(inplace_backward))
+                               float(z_loss), reduction,
+                               bool(inplace_backward) and torch.is_grad_enabled())

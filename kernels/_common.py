@@ -66,6 +66,32 @@ def rows_block(n_cols: int, n_rows: int):
     return rows, block, num_warps
 
 
+# Spatial tiles (inputs (N, C, d1..dk) whose pixels are contiguous): the fewest pixels per image
+# for which they are used, and the most pixels per program (blocks of the class sweep hold
+# ROWS_TILE elements). Below TILE_MIN_D a program would hold a handful of pixels of one image;
+# there the rows kernels take ROWS consecutive pixels (several images) per program instead, and
+# a row's classes, D apart, are only a few 32-byte sectors apart.
+TILE_MIN_D = 16
+TILE_MAX_D = 128
+
+
+def tile_block(n_cols: int, D: int):
+    """(BLOCK_C, BLOCK_D, num_warps) for programs holding BLOCK_D contiguous pixels of one image
+    and sweeping its classes BLOCK_C at a time. Each load is then BLOCK_C runs of BLOCK_D
+    contiguous values (512 B per run in fp32), where one program per pixel would read its
+    classes H*W apart, one 32-byte sector per value."""
+    block_d = min(triton.next_power_of_2(max(D, 1)), TILE_MAX_D)
+    block_c = min(triton.next_power_of_2(max(n_cols, 1)), max(ROWS_TILE // block_d, 1))
+    num_warps = 4 if block_c * block_d <= 2048 else 8
+    return block_c, block_d, num_warps
+
+
+def use_tiles(logits: torch.Tensor, *out: torch.Tensor) -> bool:
+    """The spatial tile path: logits [N, C, D] with D >= TILE_MIN_D pixels one element apart
+    (as in out, the tensors the kernel writes with the same geometry)."""
+    return logits.shape[2] >= TILE_MIN_D and all(t.stride(2) == 1 for t in (logits, *out))
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp32, or fp64 for fp64 inputs (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -85,7 +111,9 @@ def float_arg(v, ACC: tl.constexpr):
 
 @triton.jit
 def online_lse_step(m, s, x):
-    """Fold a block x (masked lanes = -inf) into the running max m and sum s of exp(. - m)."""
+    """Fold a block x (masked lanes = -inf) into the running max m and sum s of exp(. - m).
+    x is [BLOCK] (one row, m and s scalars) or [BLOCK_C, BLOCK_D] with the classes on axis 0
+    (spatial tiles, m and s per pixel: [BLOCK_D])."""
     m_new = tl.maximum(m, tl.max(x, 0))
     # m_new is -inf only while every value so far is -inf; keep exp's argument finite then.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -196,3 +224,50 @@ def row_finish(m, s, x_y):
     near = e_y > 8.673617379884035e-19
     nll = tl.where(near, log1p(s / tl.where(near, e_y, 1.0)), lse - x_y)
     return lse, nll, s / tot
+
+
+@triton.jit
+def tile_setup(TARGET, D, C, ignore_index, BLOCK_D: tl.constexpr):
+    """This program's BLOCK_D pixels of one image (tile_block; a 1-D grid of N * cdiv(D, BLOCK_D)
+    programs, so that N is not bound by a grid axis's 65535): (rows, n, d, targets, valid, live),
+    rows, d, targets, valid and live [BLOCK_D], n the image; row = n * D + d as in row_setup.
+    Pixel pointers are X + n * stride_xn + d (pixels one element apart)."""
+    pid = tl.program_id(0).to(tl.int64)
+    per_image = tl.cdiv(D, BLOCK_D)
+    n = pid // per_image
+    d = (pid - n * per_image) * BLOCK_D + tl.arange(0, BLOCK_D)
+    live = d < D
+    rows = n * D + d
+    y = tl.load(TARGET + rows, mask=live, other=0)
+    valid = live & (y != ignore_index) & (y >= 0) & (y < C)
+    return rows, n, d, tl.where(valid, y, 0), valid, live
+
+
+@triton.jit
+def tile_stats(x_px, stride_xc, C, y, valid, WEIGHT, HAS_WEIGHT: tl.constexpr,
+               SUM_WX: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """row_stats for BLOCK_D pixels at once (x_px: pointers to class 0 of each pixel, y, valid:
+    [BLOCK_D]), sweeping the classes in [BLOCK_C, BLOCK_D] blocks with an online max and sum per
+    pixel: (lse, nll, q, swx, w_sum), [BLOCK_D] each (w_sum a scalar). The same numerics: m starts
+    at x_y, s sums exp(x_j - m) over j != y, row_finish."""
+    x_y = tl.load(x_px + y * stride_xc, mask=valid, other=0.0).to(ACC)
+    m = x_y  # invalid pixels: 0, and they read nothing
+    s = tl.zeros_like(x_y)
+    swx = tl.zeros_like(x_y)
+    w_sum = tl.zeros((), ACC)
+    for off in range(0, C, BLOCK_C):
+        cls = off + tl.arange(0, BLOCK_C)
+        inb = (cls < C)[:, None] & valid[None, :]
+        x = tl.load(x_px[None, :] + (cls.to(tl.int64) * stride_xc)[:, None], mask=inb,
+                    other=0.0).to(ACC)
+        if SUM_WX:
+            if HAS_WEIGHT:
+                w = tl.load(WEIGHT + cls.to(tl.int64), mask=cls < C, other=0.0).to(ACC)
+                swx += tl.sum(x * w[:, None], 0)
+                w_sum += tl.sum(w, 0)
+            else:
+                swx += tl.sum(x, 0)
+        m, s = online_lse_step(m, s, tl.where(inb & (cls[:, None] != y[None, :]), x,
+                                              float("-inf")))
+    lse, nll, q = row_finish(m, s, x_y)
+    return lse, nll, q, swx, w_sum

@@ -1,6 +1,7 @@
 """Focal losses: sigmoid (element-wise, one program per CHUNK elements) and softmax (one program
-per row, or several whole rows per program for C <= _common.ROWS_MAX_C). Same contracts and
-formulas as csrc/focal.cpp.
+per row, or several whole rows per program for C <= _common.ROWS_MAX_C, or for (N, C, d1..dk)
+inputs with contiguous pixels BLOCK_D pixels of one image per program, as cross-entropy's tiles
+and csrc/focal.cpp's softmax_focal_tiles). Same contracts and formulas as csrc/focal.cpp.
 
 Sigmoid, with e = exp(-|x|), u = 1-y (x >= 0) or y (x < 0), v = 1 - u, s = sign(x):
   ce = |x| u + log1p(e),  q = 1 - p_t = (u + v e)/(1 + e),  L = alpha_t ce q^gamma
@@ -17,7 +18,8 @@ import triton
 import triton.language as tl
 
 from ._common import (acc_dtype, device_guard, float_arg, log1p, row_block, row_setup,
-                      row_stats, row_stats2d, rows_block, rows_setup, tl_acc)
+                      row_stats, row_stats2d, rows_block, rows_setup, tile_block, tile_setup,
+                      tile_stats, tl_acc, use_tiles)
 
 # Elements per partial sum of the reduced sigmoid loss (kChunk in csrc/focal.cpp).
 CHUNK = 4096
@@ -178,6 +180,44 @@ def _softmax_focal_fwd_rows_kernel(
                  g.to(G.dtype.element_ty), mask=live[:, None] & (cols < C)[None, :])
 
 
+@triton.jit
+def _softmax_focal_fwd_tile_kernel(
+    X, stride_xn, stride_xc, D,
+    TARGET, ALPHA, GRAD_SCALE, LOSS,
+    G, stride_gn, stride_gc,
+    C, ignore_index, gamma: tl.float64,
+    HAS_ALPHA: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    GAMMA_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """_softmax_focal_fwd_kernel for BLOCK_D contiguous pixels of one image per program (X and G
+    [N, C, D] with pixels one element apart), the classes swept BLOCK_C at a time."""
+    gamma = float_arg(gamma, ACC)
+    rows, n, d, t_safe, valid, live = tile_setup(TARGET, D, C, ignore_index, BLOCK_D)
+    x_px = X + n * stride_xn + d
+    lse, nll, q, _, _ = tile_stats(x_px, stride_xc, C, t_safe, valid, ALPHA, False, False, ACC,
+                                   BLOCK_C)
+    lse = tl.where(valid, lse, 0.0)
+    lp = -nll
+    a_t = tl.load(ALPHA + t_safe).to(ACC) if HAS_ALPHA else 1.0
+    qg = _pow_gamma(q, gamma, GAMMA_MODE)
+    tl.store(LOSS + rows, tl.where(valid, -a_t * qg * lp, 0.0), mask=live)
+
+    if COMPUTE_GRAD:
+        scale = tl.load(GRAD_SCALE).to(ACC) if HAS_GRAD_SCALE else 1.0
+        ratio = tl.where(q > 0, lp / tl.where(q > 0, q, 1.0), -1.0)
+        a = scale * a_t * qg * (1.0 - gamma * tl.exp(lp) * ratio)
+        a = tl.where(valid, a, 0.0)
+        g_px = G + n * stride_gn + d
+        for off in range(0, C, BLOCK_C):  # the tile again, just read: in L1/L2
+            cls = off + tl.arange(0, BLOCK_C)
+            x = tl.load(x_px[None, :] + (cls.to(tl.int64) * stride_xc)[:, None],
+                        mask=(cls < C)[:, None] & valid[None, :], other=0.0).to(ACC)
+            g = tl.where(cls[:, None] == t_safe[None, :], (-a * q)[None, :],
+                         a[None, :] * tl.exp(x - lse[None, :]))
+            tl.store(g_px[None, :] + (cls.to(tl.int64) * stride_gc)[:, None],
+                     g.to(G.dtype.element_ty), mask=(cls < C)[:, None] & live[None, :])
+
+
 def softmax_focal_fwd(logits, target, alpha, grad_scale, ignore_index, gamma, compute_grad):
     """Launch on logits [N, C, D] and target [N*D] int64; same contract as the C++ op."""
     N, C, D = logits.shape
@@ -190,6 +230,19 @@ def softmax_focal_fwd(logits, target, alpha, grad_scale, ignore_index, gamma, co
     g = grad if compute_grad else logits
     tiles = rows_block(C, rows)
     with device_guard(logits):
+        if use_tiles(logits, g):
+            block_c, block_d, num_warps = tile_block(C, D)
+            _softmax_focal_fwd_tile_kernel[(N * triton.cdiv(D, block_d),)](
+                logits, logits.stride(0), logits.stride(1), D,
+                target, alpha if alpha is not None else loss,
+                grad_scale if grad_scale is not None else loss, loss,
+                g, g.stride(0), g.stride(1),
+                C, ignore_index, float(gamma),
+                HAS_ALPHA=alpha is not None, HAS_GRAD_SCALE=grad_scale is not None,
+                COMPUTE_GRAD=compute_grad, GAMMA_MODE=gamma_mode(gamma),
+                ACC=tl_acc(logits.dtype), BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps,
+            )
+            return loss, grad
         if tiles is not None:
             n_per, block, num_warps = tiles
             _softmax_focal_fwd_rows_kernel[(triton.cdiv(rows, n_per),)](

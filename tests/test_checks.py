@@ -109,6 +109,11 @@ def _every_loss(device):
                  F.distillation_loss(x, y, t, beta=0.5, hard_weight=0.5),
                  F.linear_cross_entropy(x, torch.randn(7, 5, device=device), t.clamp(0, 6))]:
         loss.backward()
+    # (N, C, H, W) with contiguous pixels: the spatial tile kernels
+    x4 = torch.randn(2, 5, 4, 4, device=device, requires_grad=True)
+    t4 = torch.randint(0, 5, (2, 4, 4), device=device)
+    for loss in [F.cross_entropy(x4, t4), F.softmax_focal_loss(x4, t4)]:
+        loss.backward()
     # wide rows (C > kernels._common.ROWS_MAX_C): the one-row-per-program kernels
     xw = torch.randn(2, 3000, device=device, requires_grad=True)
     tw = torch.tensor([2999, 0], device=device)

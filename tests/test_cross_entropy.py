@@ -569,3 +569,112 @@ def test_gradient_buffer_reuse():
     del xa
     assert fusedloss.release_buffers() == x.numel() * 4
     assert fusedloss.release_buffers() == 0
+
+
+def _only_kernels(monkeypatch, module, keep):
+    """Make every launch of module's _*_kernel other than those in `keep` raise, so that a run
+    is known to take the path under test."""
+
+    class Forbidden:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            raise AssertionError(f"launched {self.name}, not one of {sorted(keep)}")
+
+    for name in dir(module):
+        if name.startswith("_") and name.endswith("_kernel") and name not in keep:
+            monkeypatch.setattr(module, name, Forbidden(name))
+
+
+def test_spatial_tiles(monkeypatch):
+    """Triton, (N, C, H, W) with contiguous pixels: BLOCK_D pixels per program sweeping the
+    classes (kernels/cross_entropy.py's tile kernels, nothing else), with partial pixel tiles,
+    several class blocks, ignored pixels, every option, per-pixel grad_output and in-place
+    backward; confident pixels element by element."""
+    from fusedloss.kernels import cross_entropy as kce
+    monkeypatch.setattr(fusedloss._backend, "_ENV", "triton")
+    _only_kernels(monkeypatch, kce, {"_cross_entropy_fwd_tile_kernel",
+                                     "_cross_entropy_bwd_tile_kernel", "_scale_kernel"})
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for shape in [(2, 5, 4, 4), (1, 40, 130)]:  # C = 40: two class blocks; D = 130: a tail
+        C = shape[1]
+        x = randn(*shape, device=dev)
+        t = torch.randint(0, C, shape[:1] + shape[2:], device=dev)
+        t.view(-1)[[1, 7]] = -100
+        w = torch.rand(C, device=dev)
+        for kw in [{}, dict(weight=w, label_smoothing=0.2, z_loss=1e-2),
+                   dict(label_smoothing=0.1, reduction="sum"), dict(weight=w, reduction="none")]:
+            go = torch.randn(t.shape, device=dev) if kw.get("reduction") == "none" else None
+            check(x, t, grad_out=go, **kw)
+        xa = x.clone().requires_grad_(True)
+        (gr,) = torch.autograd.grad(cross_entropy(xa, t, weight=w, label_smoothing=0.1), xa)
+        for reduction in ("mean", "none"):  # the one-read scheme and the recompute one
+            xb = x.clone().requires_grad_(True)
+            logits = xb * 1.0
+            loss = cross_entropy(logits, t, weight=w, label_smoothing=0.1, reduction=reduction,
+                                 inplace_backward=True)
+            (loss if reduction == "mean" else loss.sum() / w[t.clamp(min=0)][t >= 0].sum()
+             ).backward()
+            torch.testing.assert_close(xb.grad, gr, atol=1e-6, rtol=1e-5)
+    # confident pixels: the rows of confident_rows as the pixels of one (1, C, 32) image
+    for C in (10, 1000):
+        x, t = confident_rows(32, C, 30.0)
+        x, t = x.to(dev), t.to(dev)
+        xr = x.double().cpu().requires_grad_(True)
+        ref = fusedloss.reference.stable_nll(xr, t.cpu())
+        (gr,) = torch.autograd.grad(ref.sum(), xr)
+        xa = x.t().contiguous()[None].requires_grad_(True)
+        out = cross_entropy(xa, t[None], reduction="none")
+        (g,) = torch.autograd.grad(out.sum(), xa)
+        assert_rel(out[0].cpu(), ref.detach(), 1e-4, f"loss, C={C}")
+        assert_rel(g[0].t().cpu(), gr, 1e-4, f"gradient, C={C}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_read_inplace_backward(monkeypatch, dtype):
+    """Triton, inplace_backward with 'mean' / 'sum': forward already leaves the gradient for
+    grad_output = 1 in the logits (the one-read scheme); backward scales it by any other
+    grad_output; a second backward (retain_graph) and any other backward that saved the logits
+    raise; under no_grad nothing is written; 'none', and the C++ backend, keep the recompute
+    scheme (logits untouched until backward)."""
+    monkeypatch.setattr(fusedloss._backend, "_ENV", "triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    atol = ATOL[dtype]
+    for shape in [(6, 40), (2, 5, 4, 4)]:  # rows and spatial tiles
+        C = shape[1]
+        x = randn(*shape, device=dev, dtype=dtype)
+        t = torch.randint(0, C, shape[:1] + shape[2:], device=dev)
+        t.view(-1)[2] = -100
+        w = torch.rand(C, device=dev)
+        for reduction, go in [("mean", None), ("sum", None), ("mean", 2.5), ("sum", 0.0)]:
+            kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-2, reduction=reduction)
+            xr = x.detach().double().requires_grad_(True)
+            ref = reference(xr, t, **kw)
+            (g1,) = torch.autograd.grad(ref, xr)
+            xa = x.clone().requires_grad_(True)
+            logits = xa * 1.0
+            loss = cross_entropy(logits, t, inplace_backward=True, **kw)
+            torch.testing.assert_close(loss.double(), ref.detach(), atol=atol, rtol=atol)
+            # the gradient for grad_output = 1 is in the logits before backward
+            torch.testing.assert_close(logits.detach().double(), g1, atol=atol, rtol=atol)
+            loss.backward(None if go is None else torch.tensor(go, dtype=dtype, device=dev),
+                          retain_graph=True)
+            torch.testing.assert_close(xa.grad.double(), g1 * (1.0 if go is None else go),
+                                       atol=atol, rtol=atol)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+    x = randn(6, 40, device=dev)
+    t = torch.randint(0, 40, (6,), device=dev)
+    y = x.requires_grad_(True).exp()  # exp saves its output, the logits here
+    cross_entropy(y, t, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    for env, reduction, grad_mode in [("triton", "none", True), ("cpp", "mean", True),
+                                      ("triton", "mean", False)]:
+        monkeypatch.setattr(fusedloss._backend, "_ENV", env)
+        logits = x * 1.0
+        before = logits.detach().clone()
+        with torch.set_grad_enabled(grad_mode):
+            cross_entropy(logits, t, inplace_backward=True, reduction=reduction)
+        assert torch.equal(logits.detach(), before), (env, reduction, grad_mode)

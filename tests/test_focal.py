@@ -532,3 +532,33 @@ def test_softmax_rows_per_program_paths(monkeypatch, path):
     test_softmax_gamma0_is_cross_entropy(be, "none")
     test_softmax_ignore_index_alpha(be, (2, 5, 3, 2), "none")
     test_softmax_gradcheck(be)
+
+
+def test_softmax_spatial_tiles(monkeypatch):
+    """Triton softmax focal on (N, C, H, W) with contiguous pixels: only the tile kernel runs
+    (BLOCK_D pixels per program sweeping the classes); ignore_index and alpha, and confident
+    pixels element by element with several class blocks and a partial pixel tile."""
+    from conftest import Backend
+    from fusedloss.kernels import focal as kfocal
+    monkeypatch.setattr(fusedloss._backend, "_ENV", "triton")
+    be = Backend("triton", "triton", "cuda" if torch.cuda.is_available() else "cpu")
+
+    class Forbidden:
+        def __getitem__(self, grid):
+            raise AssertionError("an (N, C, H, W) input launched a row kernel")
+
+    for name in ("_softmax_focal_fwd_kernel", "_softmax_focal_fwd_rows_kernel"):
+        monkeypatch.setattr(kfocal, name, Forbidden())
+    test_softmax_ignore_index_alpha(be, (2, 5, 4, 4), "none")  # 16 pixels: _common.TILE_MIN_D
+    for C in (10, 300):  # C = 300: ten class blocks of 32; 130 pixels: two tiles
+        x, t = confident_rows(130, C, 30.0)
+        xi, ti = x.t().contiguous()[None].to(be.device), t[None].to(be.device)
+        for gamma in (2.0, 0.5):
+            xr = x.double().requires_grad_(True)
+            ref = stable_softmax(xr, t, gamma, reduction="none")
+            (gr,) = torch.autograd.grad(ref.sum(), xr)
+            xa = xi.clone().requires_grad_(True)
+            out = softmax_focal_loss(xa, ti, gamma, reduction="none")
+            (g,) = torch.autograd.grad(out.sum(), xa)
+            assert_rel(out[0].cpu(), ref.detach(), 1e-4, f"loss, C={C}, gamma={gamma}")
+            assert_rel(g[0].t().cpu(), gr, 1e-4, f"gradient, C={C}, gamma={gamma}")

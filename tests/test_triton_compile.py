@@ -101,8 +101,27 @@ for dt in each():
         for kw in [{}, dict(weight=w), dict(label_smoothing=0.1), dict(weight=w, label_smoothing=0.1),
                    dict(z_loss=1e-3), dict(reduction="none"), dict(reduction="sum")]:
             grad_of(lambda x: F.cross_entropy(x, t, **kw), x)
-        xv = x.detach().clone().requires_grad_(True) * 1.0
+        xv = x.detach().clone().requires_grad_(True) * 1.0  # one-read scheme (mean)
         F.cross_entropy(xv, t, inplace_backward=True).backward()
+    # (N, C, H, W): spatial tiles (pixels contiguous), in-place (one-read with mean, recompute
+    # with none); every option and several class blocks in fp32 and bf16 only (compile time)
+    x4 = torch.randn(2, 5, 4, 4, dtype=dt); t4 = torch.randint(0, 5, (2, 4, 4)); w = torch.rand(5)
+    grad_of(lambda x: F.cross_entropy(x, t4, weight=w, label_smoothing=0.1), x4)
+    for kw in [{}, dict(reduction="none")]:
+        xv = x4.detach().clone().requires_grad_(True) * 1.0
+        F.cross_entropy(xv, t4, inplace_backward=True, **kw).sum().backward()
+    if dt in (torch.float32, torch.bfloat16):
+        x4 = torch.randn(2, 300, 4, 4, dtype=dt); t4 = torch.randint(0, 300, (2, 4, 4))
+        w = torch.rand(300)
+        for kw in [{}, dict(label_smoothing=0.1), dict(z_loss=1e-3, reduction="none"),
+                   dict(weight=w, reduction="sum")]:
+            grad_of(lambda x: F.cross_entropy(x, t4, **kw), x4)
+        xv = x.detach().clone().requires_grad_(True) * 1.0
+        F.cross_entropy(xv, t, inplace_backward=True, reduction="sum", weight=torch.rand(C),
+                        label_smoothing=0.1).backward()
+    # channels_last (pixels C apart), and few pixels per image (below TILE_MIN_D): the row kernels
+    x4 = torch.randn(2, 5, 4, 4, dtype=dt).to(memory_format=torch.channels_last)
+    grad_of(lambda x: F.cross_entropy(x, torch.randint(0, 5, (2, 4, 4)), reduction="none"), x4)
     x4 = torch.randn(2, 5, 3, 2, dtype=dt)
     grad_of(lambda x: F.cross_entropy(x, torch.randint(0, 5, (2, 3, 2)), reduction="none"), x4)
 
@@ -130,8 +149,8 @@ if hasattr(F, "sigmoid_focal_loss"):
                    dict(reduction="sum", gamma=0.0)]:
             grad_of(lambda x: F.sigmoid_focal_loss(x, y, **kw), x)
         for shape, tshape in [((6, 5), (6,)), ((2, 5, 4, 4), (2, 4, 4))]:
-            x = torch.randn(*shape, dtype=dt); t = torch.randint(0, 5, tshape)
-            for kw in [{}, dict(gamma=0.5, alpha=torch.rand(5)), dict(gamma=0.0, reduction="none"),
+            x = torch.randn(*shape, dtype=dt); t = torch.randint(0, shape[1], tshape)
+            for kw in [{}, dict(gamma=0.5, alpha=torch.rand(shape[1])), dict(gamma=0.0, reduction="none"),
                        dict(alpha=0.25, reduction="sum")]:
                 grad_of(lambda x: F.softmax_focal_loss(x, t, **kw), x)
         # wide rows: one row per program (above, C = 5: several rows per program)
