@@ -190,7 +190,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
       inplace_backward: backward writes the gradient over `input` instead of a new logits-sized
         buffer (class-index targets; input must not be a leaf). After backward `input` holds its
         gradient; autograd raises if a later backward (another user of the logits, or a second
-        backward through this loss) needs the overwritten values. Ignored under torch.compile.
+        backward through this loss) needs the overwritten values. Ignored under torch.compile
+        and under no_grad. On the Triton kernels (CUDA) with reduction 'mean' or 'sum' the
+        gradient is written during forward (one read of the logits instead of two): read what
+        you need from `input` (accuracy, argmax) before calling the loss.
     Target range: an index outside [0, C) that is not ignore_index raises IndexError on CPU
     tensors; on CUDA it trips a device-side assertion (no host sync; see
     _common.check_class_targets_for).
