@@ -66,14 +66,12 @@ struct BceLoop {
 FL_MULTIVERSION float bce_block(int mode, bool full, const EwRun<float>& r) {
   return ew_dispatch(BceLoop{}, mode, full, r);
 }
-FL_MULTIVERSION float bce_block(int mode, bool full, const EwRun<c10::BFloat16>& r) {
-  return ew_dispatch(BceLoop{}, mode, full, r);
-}
 double bce_block(int mode, bool full, const EwRun<double>& r) {
   return ew_dispatch(BceLoop{}, mode, full, r);
 }
 
 struct Bce {
+  static constexpr bool kBf16InPlace = false;  // exp + log per element: see elementwise.h
   template <typename S>
   acc_type<S> operator()(int mode, bool full, const EwRun<S>& r) const {
     return bce_block(mode, full, r);

@@ -14,8 +14,10 @@
 // the outputs narrowed in the same loop. Without weights and with a scalar grad_out (every
 // reduced loss) it is the "lean" loop: two loads per element, no ones-vectors, grad_out * scale
 // one register. Other layouts (strided or broadcast runs, fp16) go through L1-sized fp32
-// buffers into the fp32 loop. (Measured on an AVX-512 EPYC, 2^22 bf16 Huber fwd+bwd: the buffered
-// form converted each operand in its own pass and took about 2.5x the time of this loop.)
+// buffers into the fp32 loop, and so does bf16 for a loss whose Block says !kBf16InPlace: gcc 12
+// compiles a loop that mixes bf16 and fp32 at 256 bits even in the AVX-512 clone, which pays
+// off for Huber's few operations per element (2^22 bf16 fwd+bwd about 1.7x faster than the
+// buffers) but not for BCE's and KL's exp and log (BCE bf16 0.71x -> 0.59x of torch.compile).
 //
 // The index space is cut into fixed chunks of kElemChunk elements, one fp32 partial sum each,
 // added pairwise in chunk order: the reduced loss does not depend on the thread count.
@@ -169,7 +171,8 @@ inline bool all_strides_zero(const View4<T>& v) {
   return v.stride[0] == 0 && v.stride[1] == 0 && v.stride[2] == 0 && v.stride[3] == 0;
 }
 
-// Runs an element-wise loss. `block(mode, full, run)` runs the loss's loop over one EwRun (its
+// Runs an element-wise loss. Block::kBf16InPlace: whether bf16 runs go to its loop in place
+// (else widened into fp32 buffers first). `block(mode, full, run)` runs the loss's loop over one EwRun (its
 // storage type float, BFloat16 or double) and returns the sum of the per-element loss for
 // kLossSum. Forward (want_loss): returns the loss, per element in the input dtype or the reduced
 // 0-dim value in the acc dtype. Backward (grad_out given, a 4-d view in the input dtype): returns
@@ -206,7 +209,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_run(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fusedloss_elementwise", [&] {
     using acc_t = acc_type<scalar_t>;
     // The storage type the loops read in place; fp16 runs go through fp32 buffers.
-    constexpr bool kInPlace = !std::is_same_v<scalar_t, c10::Half>;
+    constexpr bool kInPlace = !std::is_same_v<scalar_t, c10::Half> &&
+                              (!std::is_same_v<scalar_t, c10::BFloat16> || Block::kBf16InPlace);
     using S = std::conditional_t<kInPlace, scalar_t, float>;
     const acc_t scale = reduction == kReduceMean ? acc_t(1) / static_cast<acc_t>(numel) : acc_t(1);
     const View4<scalar_t> xv(x), yv(y), gov(go);

@@ -64,6 +64,7 @@ double huber_block(int mode, bool full, const EwRun<double>& r, const HuberLoop<
 }
 
 struct Huber {
+  static constexpr bool kBf16InPlace = true;
   double delta;
   bool smooth_l1;
   template <typename S>

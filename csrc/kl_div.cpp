@@ -70,15 +70,12 @@ FL_ALWAYS_INLINE acc_type<S> kl_modes(int mode, bool full, bool log_target, cons
 FL_MULTIVERSION float kl_block(int mode, bool full, bool log_target, const EwRun<float>& r) {
   return kl_modes(mode, full, log_target, r);
 }
-FL_MULTIVERSION float kl_block(int mode, bool full, bool log_target,
-                               const EwRun<c10::BFloat16>& r) {
-  return kl_modes(mode, full, log_target, r);
-}
 double kl_block(int mode, bool full, bool log_target, const EwRun<double>& r) {
   return kl_modes(mode, full, log_target, r);
 }
 
 struct KlDiv {
+  static constexpr bool kBf16InPlace = false;  // exp or log per element: see elementwise.h
   bool log_target;
   template <typename S>
   acc_type<S> operator()(int mode, bool full, const EwRun<S>& r) const {
