@@ -13,62 +13,68 @@
 namespace fusedloss {
 namespace {
 
-template <int kMode, typename T>
-FL_ALWAYS_INLINE T bce_impl(int64_t n, const T* x, const T* y, const T* w, const T* pw, const T* go,
-                            T scale, T* loss, T* gx, T* gy) {
-  T total = 0;
+// The loop for one run (EwRun, elementwise.h): S the storage type, A = acc_type<S>.
+struct BceLoop {
+  template <int kMode, bool kFull, typename S>
+  FL_ALWAYS_INLINE acc_type<S> run(const EwRun<S>& r) const {
+    using A = acc_type<S>;
+    const int64_t n = r.n;
+    const S* x = r.x;
+    const S* y = r.y;
+    const A* w = r.w;
+    const A* pw = r.pw;
+    const S* go = r.go;
+    S* loss = r.loss;
+    S* gx = r.gx;
+    S* gy = r.gy;
+    const A gs = r.gs;
+    A total = 0;
 #pragma omp simd reduction(+ : total)
-  for (int64_t i = 0; i < n; ++i) {
-    const T xi = x[i];
-    const T e = fast_exp(-std::abs(xi));
-    const T a = pw[i] * y[i], b = T(1) - y[i];
-    if constexpr (kMode != kGradX) {
-      const T l1p = fast_log1p(e);
-      const T sp_pos = std::max(xi, T(0)) + l1p;   // softplus(x)
-      const T sp_neg = std::max(-xi, T(0)) + l1p;  // softplus(-x)
-      if constexpr (kMode == kLossSum || kMode == kLossStore) {
-        const T l = w[i] * (a * sp_neg + b * sp_pos);
-        if constexpr (kMode == kLossSum) total += l;
-        else loss[i] = l;
-      } else {
-        gy[i] = w[i] * (pw[i] * sp_neg - sp_pos) * (scale * go[i]);
+    for (int64_t i = 0; i < n; ++i) {
+      const A xi = ew_load(x[i]), yi = ew_load(y[i]);
+      const A e = fast_exp(-std::abs(xi));
+      const A a = kFull ? pw[i] * yi : yi, b = A(1) - yi;
+      const A f = kFull ? gs * ew_load(go[i]) : gs;  // grad_out * scale
+      if constexpr (kMode != kGradX) {
+        const A l1p = fast_log1p(e);
+        const A sp_pos = std::max(xi, A(0)) + l1p;   // softplus(x)
+        const A sp_neg = std::max(-xi, A(0)) + l1p;  // softplus(-x)
+        if constexpr (kMode == kLossSum || kMode == kLossStore) {
+          A l = a * sp_neg + b * sp_pos;
+          if constexpr (kFull) l = w[i] * l;
+          if constexpr (kMode == kLossSum) total += l;
+          else ew_store(loss + i, l);
+        } else {
+          A g = kFull ? pw[i] * sp_neg - sp_pos : sp_neg - sp_pos;
+          if constexpr (kFull) g = w[i] * g;
+          ew_store(gy + i, g * f);
+        }
+      }
+      if constexpr (kMode == kGradX || kMode == kGradXY) {
+        const A r1 = A(1) / (A(1) + e);
+        const A sig_pos = xi >= 0 ? r1 : e * r1;  // sigmoid(x)
+        const A sig_neg = xi >= 0 ? e * r1 : r1;  // sigmoid(-x)
+        A g = b * sig_pos - a * sig_neg;
+        if constexpr (kFull) g = w[i] * g;
+        ew_store(gx + i, g * f);
       }
     }
-    if constexpr (kMode == kGradX || kMode == kGradXY) {
-      const T r = T(1) / (T(1) + e);
-      const T sig_pos = xi >= 0 ? r : e * r;  // sigmoid(x)
-      const T sig_neg = xi >= 0 ? e * r : r;  // sigmoid(-x)
-      gx[i] = w[i] * (b * sig_pos - a * sig_neg) * (scale * go[i]);
-    }
+    return total;
   }
-  return total;
+};
+
+FL_MULTIVERSION float bce_block(int mode, bool full, const EwRun<float>& r) {
+  return ew_dispatch(BceLoop{}, mode, full, r);
 }
-template <typename T>
-FL_ALWAYS_INLINE T bce_modes(int mode, int64_t n, const T* x, const T* y, const T* w, const T* pw,
-                             const T* go, T scale, T* loss, T* gx, T* gy) {
-  switch (mode) {
-    case kLossSum: return bce_impl<kLossSum>(n, x, y, w, pw, go, scale, loss, gx, gy);
-    case kLossStore: return bce_impl<kLossStore>(n, x, y, w, pw, go, scale, loss, gx, gy);
-    case kGradX: return bce_impl<kGradX>(n, x, y, w, pw, go, scale, loss, gx, gy);
-    default: return bce_impl<kGradXY>(n, x, y, w, pw, go, scale, loss, gx, gy);
-  }
-}
-FL_MULTIVERSION float bce_block(int mode, int64_t n, const float* x, const float* y,
-                                const float* w, const float* pw, const float* go, float scale,
-                                float* loss, float* gx, float* gy) {
-  return bce_modes(mode, n, x, y, w, pw, go, scale, loss, gx, gy);
-}
-double bce_block(int mode, int64_t n, const double* x, const double* y, const double* w,
-                 const double* pw, const double* go, double scale, double* loss, double* gx,
-                 double* gy) {
-  return bce_modes(mode, n, x, y, w, pw, go, scale, loss, gx, gy);
+double bce_block(int mode, bool full, const EwRun<double>& r) {
+  return ew_dispatch(BceLoop{}, mode, full, r);
 }
 
 struct Bce {
-  template <typename T>
-  T operator()(int mode, int64_t n, const T* x, const T* y, const T* w, const T* pw, const T* go,
-               T scale, T* loss, T* gx, T* gy) const {
-    return bce_block(mode, n, x, y, w, pw, go, scale, loss, gx, gy);
+  static constexpr bool kBf16InPlace = false;  // exp + log per element: see elementwise.h
+  template <typename S>
+  acc_type<S> operator()(int mode, bool full, const EwRun<S>& r) const {
+    return bce_block(mode, full, r);
   }
 };
 

@@ -110,17 +110,11 @@ inline void from_acc_impl(const float* src, int64_t n, H* dst) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<H>(src[i]);
 }
-// float -> bf16, round to nearest even, NaN kept quiet: c10's version tests std::isnan through a
-// branch that stops gcc vectorising; the same rounding in integer selects does not.
+// float -> bf16 through float_to_bf16_bits (common.h): c10's conversion does not vectorise.
 inline void from_acc_impl(const float* src, int64_t n, c10::BFloat16* dst) {
   uint16_t* out = reinterpret_cast<uint16_t*>(dst);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, src + i, sizeof(u));
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    out[i] = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16_bits(src[i]);
 }
 
 }  // namespace

@@ -112,6 +112,22 @@ static inline at::ScalarType acc_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// bf16 <-> fp32 one element at a time, in forms gcc vectorises inside a loop (c10's float -> bf16
+// tests std::isnan through a branch that stops it): the widening is a shift; the narrowing
+// rounds to nearest even in integer selects, NaN kept quiet, as torch's .to() does.
+__attribute__((always_inline)) static inline float bf16_to_float(c10::BFloat16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+__attribute__((always_inline)) static inline uint16_t float_to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+}
+
 // Copy `n` elements at stride `stride` into an accumulation-type buffer.
 // Contiguous half-precision runs converted per ISA (common.cpp): as inline templates they were
 // compiled for baseline x86-64 only, the bf16/fp16 kernels' bottleneck.

@@ -12,58 +12,68 @@
 namespace fusedloss {
 namespace {
 
-template <int kMode, typename T>
-FL_ALWAYS_INLINE T huber_impl(int64_t n, const T* x, const T* y, const T* w, const T* go, T scale,
-                              T t, T k, T m, T* loss, T* gx, T* gy) {
-  T total = 0;
+// The loop for one run (EwRun, elementwise.h): S the storage type, A = acc_type<S>.
+template <typename A>
+struct HuberLoop {
+  A t, k, m;
+  template <int kMode, bool kFull, typename S>
+  FL_ALWAYS_INLINE A run(const EwRun<S>& r) const {
+    const int64_t n = r.n;
+    const S* x = r.x;
+    const S* y = r.y;
+    const A* w = r.w;
+    const S* go = r.go;
+    S* loss = r.loss;
+    S* gx = r.gx;
+    S* gy = r.gy;
+    const A gs = r.gs;
+    A total = 0;
 #pragma omp simd reduction(+ : total)
-  for (int64_t i = 0; i < n; ++i) {
-    const T d = x[i] - y[i];
-    const T ad = std::abs(d);
-    const bool quad = ad < t;
-    if constexpr (kMode == kLossSum || kMode == kLossStore) {
-      const T l = w[i] * (quad ? T(0.5) * k * d * d : m * (ad - T(0.5) * t));
-      if constexpr (kMode == kLossSum) total += l;
-      else loss[i] = l;
-    } else {
-      const T sgn = d > 0 ? T(1) : (d < 0 ? T(-1) : d);  // 0 -> 0, NaN -> NaN
-      const T g = w[i] * (quad ? k * d : m * sgn) * (scale * go[i]);
-      gx[i] = g;
-      gy[i] = -g;
+    for (int64_t i = 0; i < n; ++i) {
+      const A d = ew_load(x[i]) - ew_load(y[i]);
+      const A ad = std::abs(d);
+      const bool quad = ad < t;
+      if constexpr (kMode == kLossSum || kMode == kLossStore) {
+        A l = quad ? A(0.5) * k * d * d : m * (ad - A(0.5) * t);
+        if constexpr (kFull) l = w[i] * l;
+        if constexpr (kMode == kLossSum) total += l;
+        else ew_store(loss + i, l);
+      } else {
+        const A sgn = d > 0 ? A(1) : (d < 0 ? A(-1) : d);  // 0 -> 0, NaN -> NaN
+        A g = quad ? k * d : m * sgn;
+        if constexpr (kFull) g = w[i] * g * (gs * ew_load(go[i]));
+        else g = g * gs;
+        ew_store(gx + i, g);
+        if constexpr (kMode == kGradXY) ew_store(gy + i, -g);
+      }
     }
+    return total;
   }
-  return total;
+};
+
+FL_MULTIVERSION float huber_block(int mode, bool full, const EwRun<float>& r,
+                                  const HuberLoop<float>& p) {
+  return ew_dispatch(p, mode, full, r);
 }
-template <typename T>
-FL_ALWAYS_INLINE T huber_modes(int mode, int64_t n, const T* x, const T* y, const T* w,
-                               const T* go, T scale, T t, T k, T m, T* loss, T* gx, T* gy) {
-  switch (mode) {
-    case kLossSum: return huber_impl<kLossSum>(n, x, y, w, go, scale, t, k, m, loss, gx, gy);
-    case kLossStore: return huber_impl<kLossStore>(n, x, y, w, go, scale, t, k, m, loss, gx, gy);
-    default: return huber_impl<kGradXY>(n, x, y, w, go, scale, t, k, m, loss, gx, gy);  // gy free
-  }
+FL_MULTIVERSION float huber_block(int mode, bool full, const EwRun<c10::BFloat16>& r,
+                                  const HuberLoop<float>& p) {
+  return ew_dispatch(p, mode, full, r);
 }
-FL_MULTIVERSION float huber_block(int mode, int64_t n, const float* x, const float* y,
-                                  const float* w, const float* go, float scale, float t, float k,
-                                  float m, float* loss, float* gx, float* gy) {
-  return huber_modes(mode, n, x, y, w, go, scale, t, k, m, loss, gx, gy);
-}
-double huber_block(int mode, int64_t n, const double* x, const double* y, const double* w,
-                   const double* go, double scale, double t, double k, double m, double* loss,
-                   double* gx, double* gy) {
-  return huber_modes(mode, n, x, y, w, go, scale, t, k, m, loss, gx, gy);
+double huber_block(int mode, bool full, const EwRun<double>& r, const HuberLoop<double>& p) {
+  return ew_dispatch(p, mode, full, r);
 }
 
 struct Huber {
+  static constexpr bool kBf16InPlace = true;
   double delta;
   bool smooth_l1;
-  template <typename T>
-  T operator()(int mode, int64_t n, const T* x, const T* y, const T* w, const T* /*pw*/,
-               const T* go, T scale, T* loss, T* gx, T* gy) const {
-    const T t = static_cast<T>(delta);
-    const T k = !smooth_l1 ? T(1) : (delta > 0 ? T(1) / t : T(0));
-    const T m = smooth_l1 ? T(1) : t;
-    return huber_block(mode, n, x, y, w, go, scale, t, k, m, loss, gx, gy);
+  template <typename S>
+  acc_type<S> operator()(int mode, bool full, const EwRun<S>& r) const {
+    using A = acc_type<S>;
+    const A t = static_cast<A>(delta);
+    const A k = !smooth_l1 ? A(1) : (delta > 0 ? A(1) / t : A(0));
+    const A m = smooth_l1 ? A(1) : t;
+    return huber_block(mode, full, r, HuberLoop<A>{t, k, m});
   }
 };
 

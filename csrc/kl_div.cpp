@@ -15,66 +15,71 @@
 namespace fusedloss {
 namespace {
 
-template <int kMode, bool kLogTarget, typename T>
-FL_ALWAYS_INLINE T kl_impl(int64_t n, const T* x, const T* y, const T* go, T scale, T* loss, T* gx,
-                           T* gy) {
-  constexpr T kInf = std::numeric_limits<T>::infinity();
-  const T kNaN = std::numeric_limits<T>::quiet_NaN();
-  T total = 0;
+// The loop for one run (EwRun, elementwise.h): S the storage type, A = acc_type<S>. No
+// weights: the full loop only differs in reading grad_out per element.
+template <bool kLogTarget>
+struct KlLoop {
+  template <int kMode, bool kFull, typename S>
+  FL_ALWAYS_INLINE acc_type<S> run(const EwRun<S>& r) const {
+    using A = acc_type<S>;
+    constexpr A kInf = std::numeric_limits<A>::infinity();
+    const A kNaN = std::numeric_limits<A>::quiet_NaN();
+    const int64_t n = r.n;
+    const S* x = r.x;
+    const S* y = r.y;
+    const S* go = r.go;
+    S* loss = r.loss;
+    S* gx = r.gx;
+    S* gy = r.gy;
+    const A gs = r.gs;
+    A total = 0;
 #pragma omp simd reduction(+ : total)
-  for (int64_t i = 0; i < n; ++i) {
-    const T xi = x[i], yi = y[i];
-    T l, dx, dy;
-    if constexpr (kLogTarget) {
-      const T e = fast_exp(yi);
-      const bool zero = yi == -kInf;  // exp(y) = 0: the term is 0 (torch: 0 * inf = NaN)
-      l = zero ? T(0) : e * (yi - xi);
-      dx = -e;
-      dy = zero ? T(0) : e * (yi - xi + T(1));
-    } else {
-      // log y for 0 < y < inf (fast_log handles finite y > 0 only); +inf -> +inf, else NaN
-      const T ly = yi > 0 && yi < kInf ? fast_log(yi) : (yi == kInf ? kInf : kNaN);
-      const T ylogy = yi == 0 ? T(0) : yi * ly;  // xlogy(y, y), NaN for y < 0 or NaN
-      const T yx = (yi == 0 && xi == -kInf) ? T(0) : yi * xi;
-      l = ylogy - yx;
-      dx = -yi;
-      dy = yi == 0 ? kNaN : ly + T(1) - xi;  // torch: xlogy's backward is 0/0 at y = 0
+    for (int64_t i = 0; i < n; ++i) {
+      const A xi = ew_load(x[i]), yi = ew_load(y[i]);
+      A l, dx, dy;
+      if constexpr (kLogTarget) {
+        const A e = fast_exp(yi);
+        const bool zero = yi == -kInf;  // exp(y) = 0: the term is 0 (torch: 0 * inf = NaN)
+        l = zero ? A(0) : e * (yi - xi);
+        dx = -e;
+        dy = zero ? A(0) : e * (yi - xi + A(1));
+      } else {
+        // log y for 0 < y < inf (fast_log handles finite y > 0 only); +inf -> +inf, else NaN
+        const A ly = yi > 0 && yi < kInf ? fast_log(yi) : (yi == kInf ? kInf : kNaN);
+        const A ylogy = yi == 0 ? A(0) : yi * ly;  // xlogy(y, y), NaN for y < 0 or NaN
+        const A yx = (yi == 0 && xi == -kInf) ? A(0) : yi * xi;
+        l = ylogy - yx;
+        dx = -yi;
+        dy = yi == 0 ? kNaN : ly + A(1) - xi;  // torch: xlogy's backward is 0/0 at y = 0
+      }
+      const A f = kFull ? gs * ew_load(go[i]) : gs;  // grad_out * scale
+      if constexpr (kMode == kLossSum) total += l;
+      if constexpr (kMode == kLossStore) ew_store(loss + i, l);
+      if constexpr (kMode == kGradX || kMode == kGradXY) ew_store(gx + i, dx * f);
+      if constexpr (kMode == kGradXY) ew_store(gy + i, dy * f);
     }
-    if constexpr (kMode == kLossSum) total += l;
-    if constexpr (kMode == kLossStore) loss[i] = l;
-    if constexpr (kMode == kGradX || kMode == kGradXY) gx[i] = dx * (scale * go[i]);
-    if constexpr (kMode == kGradXY) gy[i] = dy * (scale * go[i]);
+    return total;
   }
-  return total;
+};
+
+template <typename S>
+FL_ALWAYS_INLINE acc_type<S> kl_modes(int mode, bool full, bool log_target, const EwRun<S>& r) {
+  return log_target ? ew_dispatch(KlLoop<true>{}, mode, full, r)
+                    : ew_dispatch(KlLoop<false>{}, mode, full, r);
 }
-template <bool kLogTarget, typename T>
-FL_ALWAYS_INLINE T kl_modes(int mode, int64_t n, const T* x, const T* y, const T* go, T scale,
-                            T* loss, T* gx, T* gy) {
-  switch (mode) {
-    case kLossSum: return kl_impl<kLossSum, kLogTarget>(n, x, y, go, scale, loss, gx, gy);
-    case kLossStore: return kl_impl<kLossStore, kLogTarget>(n, x, y, go, scale, loss, gx, gy);
-    case kGradX: return kl_impl<kGradX, kLogTarget>(n, x, y, go, scale, loss, gx, gy);
-    default: return kl_impl<kGradXY, kLogTarget>(n, x, y, go, scale, loss, gx, gy);
-  }
+FL_MULTIVERSION float kl_block(int mode, bool full, bool log_target, const EwRun<float>& r) {
+  return kl_modes(mode, full, log_target, r);
 }
-FL_MULTIVERSION float kl_block(int mode, bool log_target, int64_t n, const float* x,
-                               const float* y, const float* go, float scale, float* loss,
-                               float* gx, float* gy) {
-  return log_target ? kl_modes<true>(mode, n, x, y, go, scale, loss, gx, gy)
-                    : kl_modes<false>(mode, n, x, y, go, scale, loss, gx, gy);
-}
-double kl_block(int mode, bool log_target, int64_t n, const double* x, const double* y,
-                const double* go, double scale, double* loss, double* gx, double* gy) {
-  return log_target ? kl_modes<true>(mode, n, x, y, go, scale, loss, gx, gy)
-                    : kl_modes<false>(mode, n, x, y, go, scale, loss, gx, gy);
+double kl_block(int mode, bool full, bool log_target, const EwRun<double>& r) {
+  return kl_modes(mode, full, log_target, r);
 }
 
 struct KlDiv {
+  static constexpr bool kBf16InPlace = false;  // exp or log per element: see elementwise.h
   bool log_target;
-  template <typename T>
-  T operator()(int mode, int64_t n, const T* x, const T* y, const T* /*w*/, const T* /*pw*/,
-               const T* go, T scale, T* loss, T* gx, T* gy) const {
-    return kl_block(mode, log_target, n, x, y, go, scale, loss, gx, gy);
+  template <typename S>
+  acc_type<S> operator()(int mode, bool full, const EwRun<S>& r) const {
+    return kl_block(mode, full, log_target, r);
   }
 };
 

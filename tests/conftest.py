@@ -88,3 +88,59 @@ def assert_compiled_matches_eager(step, args, param):
     (g,) = torch.autograd.grad(out, param)
     torch.testing.assert_close(out, step(*args))
     torch.testing.assert_close(g, g_eager)
+
+
+# Per-element bound of the C++ element-wise loops against float64 on the same (rounded) inputs:
+# the output's own rounding (relative) plus fp32 math error on the terms (absolute, scaled by the
+# largest value: differences of terms such as BCE's gradient at y = sigmoid(x) cancel).
+_EW_REL = {torch.float64: 1e-12, torch.float32: 4e-6, torch.bfloat16: 2.0 ** -8,
+           torch.float16: 2.0 ** -10}
+
+
+def check_elementwise_runs(ours, ref, x, y, wrt_y=True, threads=(1, 2), **kw):
+    """ours(x, y, **kw) vs ref in float64 at every reduction, element by element, loss and the
+    gradients (input and target, then target alone), on each thread count; the reduced loss
+    within 1e-5 relative (fp32 accumulation whatever the dtype; plus one rounding when returned
+    in half precision) and bitwise the same on every thread count. x, y: CPU tensors in the dtype under test, whatever layout."""
+    rel = _EW_REL[x.dtype]
+    n0 = torch.get_num_threads()
+    try:
+        for reduction in ("none", "mean", "sum"):
+            sums = []
+            for th in threads:
+                torch.set_num_threads(th)
+                for want_x, want_y in ((True, wrt_y), (False, True)) if wrt_y else ((True, False),):
+                    xa = x.detach().requires_grad_(want_x)  # views: the layout under test
+                    ya = y.detach().requires_grad_(want_y)
+                    xr = x.detach().double().requires_grad_(want_x)
+                    yr = y.detach().double().requires_grad_(want_y)
+                    out = ours(xa, ya, reduction=reduction, **kw)
+                    want = ref(xr, yr, reduction=reduction,
+                               **{k: v.double() if isinstance(v, torch.Tensor) else v
+                                  for k, v in kw.items()})
+                    if reduction == "none":
+                        fi = torch.finfo(out.dtype)
+                        bound = rel * want.abs() + 1e-5 * want.abs().max() + fi.tiny * fi.eps
+                        assert ((out.double() - want).abs() <= bound).all(), reduction
+                    else:
+                        # fp32 accumulation; a half-precision result is then rounded once
+                        rtol = max(1e-5, _EW_REL[out.dtype]) if out.dtype.itemsize == 2 else 1e-5
+                        torch.testing.assert_close(out.double(), want.detach(), rtol=rtol,
+                                                   atol=1e-30)
+                        sums.append(out.detach().clone())
+                    go = (torch.rand(want.shape, generator=torch.Generator().manual_seed(3),
+                                     dtype=torch.float64) + 0.5).to(out.dtype).double()
+                    wrt_a = [t for t, f in ((xa, want_x), (ya, want_y)) if f]
+                    wrt_r = [t for t, f in ((xr, want_x), (yr, want_y)) if f]
+                    got = torch.autograd.grad(out, wrt_a, go.to(out.dtype))
+                    exp = torch.autograd.grad(want, wrt_r, go)
+                    for a, b in zip(got, exp):
+                        assert a.dtype == x.dtype and a.shape == b.shape
+                        # (+ one subnormal step: fp16's mean gradients of 1e-5 are subnormal)
+                        fi = torch.finfo(a.dtype)
+                        bound = rel * b.abs() + 1e-5 * b.abs().max() + fi.tiny * fi.eps
+                        err = (a.double() - b).abs()
+                        assert (err <= bound).all(), (reduction, th, (err / bound).max().item())
+            assert all(torch.equal(s, sums[0]) for s in sums), "reduced loss depends on threads"
+    finally:
+        torch.set_num_threads(n0)

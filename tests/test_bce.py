@@ -8,7 +8,7 @@ from torch.library import opcheck
 import fusedloss
 from fusedloss._elementwise import view4
 from fusedloss.functional import binary_cross_entropy_with_logits as bce
-from conftest import assert_compiled_matches_eager
+from conftest import assert_compiled_matches_eager, check_elementwise_runs
 
 ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 SHAPES = [(), (7,), (5, 6), (2, 3, 4, 5)]
@@ -381,3 +381,25 @@ def test_whole_loss_op_weights():
                                            torch.autograd.grad(want, (x, y), go),
                                            rtol=1e-12, atol=1e-12)
                 opcheck(torch.ops.fusedloss.elementwise_loss.default, (*args, red, torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cpp_loops_many_chunks(monkeypatch, dtype):
+    """The C++ loops past one 4096-element chunk and ending mid-vector, element by element, on
+    each path of csrc/elementwise.h: contiguous operands read in place (the lean loop for a scalar
+    grad_out, the full loop for a per-element one or weights), a broadcast pos_weight, a
+    transposed input and a broadcast target (fp32 buffers); fp16 always through the buffers."""
+    monkeypatch.setattr(fusedloss._backend, "_ENV", "cpp")
+    n = 3 * 4096 + 37
+    x, y = make((n,), dtype, "cpu", seed=1)
+    x[:40] = torch.tensor([30.0, -30.0, 90.0, -90.0, 0.0] * 8, dtype=dtype)  # saturated, e = 0
+    y[5:10] = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5], dtype=dtype)
+    check_elementwise_runs(bce, F.binary_cross_entropy_with_logits, x, y)
+    g = torch.Generator().manual_seed(2)
+    w = torch.rand(n, generator=g).to(dtype)
+    check_elementwise_runs(bce, F.binary_cross_entropy_with_logits, x, y, weight=w)
+    x2, y2 = make((97, 131), dtype, "cpu", seed=3)
+    pw = torch.rand(131, generator=g) * 3
+    check_elementwise_runs(bce, F.binary_cross_entropy_with_logits, x2, y2, pos_weight=pw)
+    check_elementwise_runs(bce, F.binary_cross_entropy_with_logits, x2.t(), y2.t())
+    check_elementwise_runs(bce, F.binary_cross_entropy_with_logits, x2, y2[:1].expand(97, 131))

@@ -10,7 +10,7 @@ from torch.library import opcheck
 import fusedloss
 from fusedloss._elementwise import view4
 from fusedloss.functional import huber_loss, smooth_l1_loss
-from conftest import assert_compiled_matches_eager
+from conftest import assert_compiled_matches_eager, check_elementwise_runs
 
 ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 SHAPES = [(), (7,), (5, 6), (2, 3, 4, 5)]
@@ -292,3 +292,23 @@ def test_output_rounding_bit_exact(backend, dtype):
     ref = (0.5 * x.float() ** 2).to(dtype)
     same = (out.view(torch.int16) == ref.view(torch.int16)) | (out.isnan() & ref.isnan())
     assert bool(same.all()), (~same).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cpp_loops_many_chunks(monkeypatch, dtype):
+    """The C++ loops past one 4096-element chunk and ending mid-vector, element by element, on
+    each path of csrc/elementwise.h: contiguous operands read in place (the lean loop for a scalar
+    grad_out, the full loop for a per-element one or a weight), a transposed input and a broadcast
+    target (fp32 buffers); fp16 always through the buffers."""
+    monkeypatch.setattr(fusedloss._backend, "_ENV", "cpp")
+    n = 3 * 4096 + 37
+    x, y = make((n,), dtype, "cpu", seed=1)
+    y[::7] = x[::7]  # d = 0: sign(0) = 0
+    check_elementwise_runs(huber_loss, F.huber_loss, x, y, delta=0.7)
+    check_elementwise_runs(smooth_l1_loss, F.smooth_l1_loss, x, y, beta=0.7)
+    check_elementwise_runs(smooth_l1_loss, F.smooth_l1_loss, x, y, beta=0.0)
+    w = torch.rand(n, generator=torch.Generator().manual_seed(2)).to(dtype)
+    check_elementwise_runs(huber_loss, F.huber_loss, x, y, delta=0.7, weight=w)
+    x2, y2 = make((97, 131), dtype, "cpu", seed=3)
+    check_elementwise_runs(huber_loss, F.huber_loss, x2.t(), y2.t(), delta=0.7)
+    check_elementwise_runs(huber_loss, F.huber_loss, x2, y2[:1].expand(97, 131), delta=0.7)

@@ -10,7 +10,7 @@ from torch.library import opcheck
 import fusedloss
 from fusedloss._elementwise import view4
 from fusedloss.functional import kl_div
-from conftest import assert_compiled_matches_eager
+from conftest import assert_compiled_matches_eager, check_elementwise_runs
 
 ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 SHAPES = [(), (7,), (5, 6), (2, 3, 4, 5)]
@@ -245,3 +245,19 @@ def test_whole_loss_op():
                 (2, xb, yb, None, None, 0.0, log_target, 3, torch.float32))
     with pytest.raises(RuntimeError, match="elementwise_loss"):  # batchmean is KL's only
         torch.ops.fusedloss.elementwise_loss(0, x, y, None, None, 0.0, False, 3, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("log_target", [False, True])
+def test_cpp_loops_many_chunks(monkeypatch, dtype, log_target):
+    """The C++ loops past one 4096-element chunk and ending mid-vector, element by element:
+    contiguous operands read in place (the lean loop for a scalar grad_out, the full loop for a
+    per-element one), a transposed input and a broadcast target (fp32 buffers)."""
+    monkeypatch.setattr(fusedloss._backend, "_ENV", "cpp")
+    ours = lambda a, b, **kw: quiet(kl_div, a, b, log_target=log_target, **kw)  # noqa: E731
+    ref = lambda a, b, **kw: quiet(F.kl_div, a, b, log_target=log_target, **kw)  # noqa: E731
+    x, y = make((3 * 4096 + 37,), dtype, "cpu", log_target=log_target, seed=1)
+    check_elementwise_runs(ours, ref, x, y)
+    x2, y2 = make((97, 131), dtype, "cpu", log_target=log_target, seed=3)
+    check_elementwise_runs(ours, ref, x2.t(), y2.t())
+    check_elementwise_runs(ours, ref, x2, y2[:1].expand(97, 131))
