@@ -1,5 +1,6 @@
 // Whole-loss ops with their autograd in C++: fusedloss::cross_entropy and
-// fusedloss::elementwise_loss (BCE-with-logits, Huber / SmoothL1, KL divergence).
+// fusedloss::elementwise_loss (BCE-with-logits, Huber / SmoothL1, KL divergence) and
+// fusedloss::distillation.
 //
 // Why: on a small batch (32 x 10) the time of a loss is per-call overhead, not memory traffic. A
 // Python autograd.Function, its ctx and a dozen small tensor ops from Python cost 2-3x what torch's
@@ -23,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 
 namespace fusedloss {
@@ -60,12 +62,6 @@ using CeFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const opt
 using CeBwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                      const optional<Tensor>&, int64_t, double, double);
 
-struct CEForward {
-  Tensor out, t, lse, denom;  // denom: the mean's, as a device tensor (generic path)
-  double denom_host = 0;      // ... or as a number (plain CPU tensors; 0 = none)
-  optional<Tensor> w;
-};
-
 // Real CPU memory: not a meta, fake (Python) or functional tensor, whose values cannot be read.
 bool plain_cpu(const Tensor& t) {
   return t.device().is_cpu() &&
@@ -73,8 +69,90 @@ bool plain_cpu(const Tensor& t) {
              c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
 }
 
-// reduction: 0 none, 1 mean, 2 sum. The mean divides by the sum of weight[target] over
-// non-ignored rows (their count without weights), a device tensor: no host sync.
+// A per-row loss reduced (cross-entropy, distillation): out, and for the mean its denominator,
+// the sum of weight[target] (the count without weights; every row without targets) over
+// non-ignored rows, times `factor`: a device tensor (no host sync), or on plain CPU tensors a
+// number.
+struct RowReduction {
+  Tensor out, denom;
+  double denom_host = 0;  // 0: none
+};
+
+// reduction: 0 none (out = loss), 1 mean, 2 sum. t: [rows] int64 or undefined; w: [C] acc dtype.
+RowReduction reduce_rows(const Tensor& loss, const Tensor& t, const optional<Tensor>& w,
+                         int64_t ignore_index, int64_t C, int64_t reduction, double factor) {
+  RowReduction r;
+  if (reduction == 0) {
+    r.out = loss;
+  } else if (plain_cpu(loss)) {
+    // One loop over the rows instead of four small tensor ops (a small batch's time is per-call
+    // overhead), accumulated in fp64; the mean's denominator kept as a number for backward.
+    double sum = 0, den = 0;
+    AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "reduce_rows", [&] {
+      const scalar_t* l = loss.const_data_ptr<scalar_t>();
+      const int64_t* tp = t.defined() ? t.const_data_ptr<int64_t>() : nullptr;
+      const scalar_t* wp = w.has_value() ? w->const_data_ptr<scalar_t>() : nullptr;
+      for (int64_t i = 0; i < loss.numel(); ++i) {
+        sum += static_cast<double>(l[i]);
+        if (tp && tp[i] == ignore_index) continue;
+        den += wp ? static_cast<double>(wp[std::clamp<int64_t>(tp[i], 0, C - 1)]) : 1.0;
+      }
+    });
+    if (reduction == 1) {
+      r.denom_host = den * factor;
+      sum /= r.denom_host;  // 0 / 0 = NaN for an all-ignored batch, as torch
+    }
+    Tensor out = at::empty({}, loss.options());
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "reduce_out", [&] {
+      *out.data_ptr<scalar_t>() = static_cast<scalar_t>(sum);
+    });
+    r.out = out;
+  } else if (reduction == 2) {
+    r.out = loss.sum();
+  } else {
+    if (!t.defined()) {
+      r.denom = at::scalar_tensor(static_cast<double>(loss.numel()) * factor, loss.options());
+    } else {
+      const Tensor valid = t.ne(ignore_index);
+      if (w.has_value()) {
+        const Tensor wy = w->index_select(0, t.clamp(0, C - 1));
+        r.denom = at::where(valid, wy, 0.0).sum();
+      } else {
+        r.denom = valid.sum(loss.scalar_type());
+      }
+      if (factor != 1) r.denom = r.denom.mul(factor);
+    }
+    r.out = loss.sum().div(r.denom);
+  }
+  return r;
+}
+
+// Backward's per-row (or scalar) grad_scale: grad_output over the mean's denominator, in acc.
+Tensor grad_scale(const Tensor& go, const RowReduction& r, at::ScalarType acc) {
+  if (plain_cpu(go) && go.numel() == 1) {  // a number on the CPU: read it, no tensor ops
+    double g = 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "go", [&] {
+      g = static_cast<double>(*go.const_data_ptr<scalar_t>());
+    });
+    Tensor scale = at::empty({1}, go.options().dtype(acc));
+    AT_DISPATCH_FLOATING_TYPES(acc, "scale", [&] {
+      *scale.data_ptr<scalar_t>() = static_cast<scalar_t>(r.denom_host != 0 ? g / r.denom_host : g);
+    });
+    return scale;
+  }
+  Tensor scale = cast(go.reshape(-1), acc);
+  if (r.denom.defined()) scale = scale.div(r.denom);
+  if (r.denom_host != 0) scale = scale.div(r.denom_host);
+  return dense(scale);
+}
+
+struct CEForward {
+  Tensor t, lse;
+  optional<Tensor> w;
+  RowReduction red;
+};
+
+// reduction: 0 none, 1 mean, 2 sum.
 CEForward ce_forward(const Tensor& input, const Tensor& target, const optional<Tensor>& weight,
                      int64_t reduction, int64_t ignore_index, double label_smoothing,
                      double z_loss, at::ScalarType out_dtype) {
@@ -86,41 +164,9 @@ CEForward ce_forward(const Tensor& input, const Tensor& target, const optional<T
   Tensor loss;
   static auto fwd = typed_op<CeFwd>("fusedloss::cross_entropy_fwd");
   std::tie(loss, f.lse) = fwd.call(x3, f.t, f.w, ignore_index, label_smoothing, z_loss);
-  if (reduction == 0) {
-    f.out = loss.view_symint(target.sym_sizes());
-  } else if (plain_cpu(loss)) {
-    // One loop over the rows instead of four small tensor ops (a small batch's time is per-call
-    // overhead), accumulated in fp64; the mean's denominator kept as a number for backward.
-    double sum = 0, den = 0;
-    AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "ce_reduce", [&] {
-      const scalar_t* l = loss.const_data_ptr<scalar_t>();
-      const int64_t* t = f.t.const_data_ptr<int64_t>();
-      const scalar_t* w = f.w.has_value() ? f.w->const_data_ptr<scalar_t>() : nullptr;
-      const int64_t C = x3.size(1);
-      for (int64_t r = 0; r < loss.numel(); ++r) {
-        sum += static_cast<double>(l[r]);
-        if (t[r] == ignore_index) continue;
-        den += w ? static_cast<double>(w[std::clamp<int64_t>(t[r], 0, C - 1)]) : 1.0;
-      }
-    });
-    if (reduction == 1) {
-      f.denom_host = den;
-      sum /= den;  // 0 / 0 = NaN for an all-ignored batch, as torch
-    }
-    f.out = at::scalar_tensor(sum, loss.options());
-  } else if (reduction == 2) {
-    f.out = loss.sum();
-  } else {
-    const Tensor valid = f.t.ne(ignore_index);
-    if (f.w.has_value()) {
-      const Tensor wy = f.w->index_select(0, f.t.clamp(0, x3.sym_size(1) - 1));
-      f.denom = at::where(valid, wy, 0.0).sum();
-    } else {
-      f.denom = valid.sum(acc);
-    }
-    f.out = loss.sum().div(f.denom);
-  }
-  f.out = cast(f.out, out_dtype);
+  f.red = reduce_rows(loss, f.t, f.w, ignore_index, x3.size(1), reduction, 1.0);
+  if (reduction == 0) f.red.out = f.red.out.view_symint(target.sym_sizes());
+  f.red.out = cast(f.red.out, out_dtype);
   return f;
 }
 
@@ -170,23 +216,7 @@ struct CrossEntropyBackward : torch::autograd::Node {
     const Tensor& go = grad_outputs[0];
     if (!go.defined() || !task_should_compute_output(0)) return grads;
     const Tensor x = input.unpack();  // (raises after release_variables, or if x was modified)
-    // grad_output (one per row for 'none'), times 1/sum of weights for mean, in the acc dtype.
-    Tensor scale;
-    if (plain_cpu(go) && go.numel() == 1) {  // a number on the CPU: read it, no tensor ops
-      double g = 0;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "ce_go", [&] {
-        g = static_cast<double>(*go.const_data_ptr<scalar_t>());
-      });
-      scale = at::empty({1}, f.lse.options());
-      AT_DISPATCH_FLOATING_TYPES(scale.scalar_type(), "ce_scale", [&] {
-        *scale.data_ptr<scalar_t>() = static_cast<scalar_t>(f.denom_host != 0 ? g / f.denom_host : g);
-      });
-    } else {
-      scale = cast(go.reshape(-1), f.lse.scalar_type());
-      if (f.denom.defined()) scale = scale.div(f.denom);
-      if (f.denom_host != 0) scale = scale.div(f.denom_host);
-      scale = dense(scale);
-    }
+    const Tensor scale = grad_scale(go, f.red, f.lse.scalar_type());
     static auto bwd = typed_op<CeBwd>("fusedloss::cross_entropy_bwd");
     const Tensor grad = bwd.call(scale, rows3d(x), f.t, f.lse, f.w, ignore_index,
                                  label_smoothing, z_loss);
@@ -206,7 +236,7 @@ Tensor cross_entropy_autograd(const Tensor& input, const Tensor& target,
     f = ce_forward(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
                    out_dtype);
   }
-  Tensor out = f.out;
+  Tensor out = f.red.out;
   if (torch::autograd::compute_requires_grad(input, weight)) {
     auto node = c10::make_intrusive<CrossEntropyBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(input, weight));
@@ -214,7 +244,7 @@ Tensor cross_entropy_autograd(const Tensor& input, const Tensor& target,
     node->ignore_index = ignore_index;
     node->label_smoothing = label_smoothing;
     node->z_loss = z_loss;
-    f.out = Tensor();
+    f.red.out = Tensor();
     node->f = std::move(f);
     torch::autograd::set_history(out, node);
   }
@@ -229,7 +259,131 @@ Tensor cross_entropy_plain(const Tensor& input, const Tensor& target,
   check_ce(input, target, weight, reduction, label_smoothing, z_loss);
   return ce_forward(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
                     out_dtype)
-      .out;
+      .red.out;
+}
+
+// ---- distillation from logits ------------------------------------------------------------------
+
+using DistillFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const optional<Tensor>&,
+                                              double, double, int64_t, double);
+using DistillBwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
+                          const Tensor&, double, double, int64_t, double);
+
+struct DistillOptions {
+  double temperature = 1, beta = 0, hard_weight = 0;
+  int64_t ignore_index = -100;
+};
+
+// reduction: 0 none, 1 mean (over non-ignored rows * V), 2 sum, 3 batchmean (over rows).
+void check_distill(const Tensor& student, const Tensor& teacher, const optional<Tensor>& target,
+                   const DistillOptions& o, int64_t reduction) {
+  TORCH_CHECK(at::isFloatingType(student.scalar_type()) && student.dim() >= 1 &&
+                  student.size(-1) >= 1 && at::isFloatingType(teacher.scalar_type()) &&
+                  teacher.sizes() == student.sizes() && teacher.device() == student.device() &&
+                  !teacher.requires_grad(),
+              "fusedloss::distillation: student and teacher must be floating [..., V] logits of "
+              "one shape and device, the teacher needing no gradient");
+  TORCH_CHECK(o.temperature > 0 && std::isfinite(o.temperature) && o.beta >= 0 && o.beta <= 1 &&
+                  o.hard_weight >= 0 && std::isfinite(o.hard_weight) && reduction >= 0 &&
+                  reduction <= 3,
+              "fusedloss::distillation: temperature, beta, hard_weight or reduction out of range");
+  if (target.has_value() && target->defined()) {
+    const Tensor& t = *target;
+    TORCH_CHECK((t.scalar_type() == at::kLong || t.scalar_type() == at::kByte) &&
+                    t.sizes() == student.sizes().slice(0, student.dim() - 1) &&
+                    t.device() == student.device(),
+                "fusedloss::distillation: target must hold int64 (or uint8) class indices of the "
+                "logits' shape without V");
+  } else {
+    TORCH_CHECK(o.hard_weight == 0, "fusedloss::distillation: hard_weight > 0 needs a target");
+  }
+}
+
+struct DistillForward {
+  Tensor teacher2, t, stats;  // the teacher [rows, V] in the student's dtype; targets [rows]
+  RowReduction red;
+};
+
+DistillForward distill_forward(const Tensor& student, const Tensor& teacher,
+                               const optional<Tensor>& target, const DistillOptions& o,
+                               int64_t reduction, at::ScalarType out_dtype) {
+  const int64_t V = student.size(-1);
+  DistillForward f;
+  f.teacher2 = cast(teacher, student.scalar_type()).reshape({-1, V});
+  if (target.has_value() && target->defined()) f.t = dense(cast(target->reshape(-1), at::kLong));
+  Tensor loss;
+  static auto fwd = typed_op<DistillFwd>("fusedloss::distill_fwd");
+  std::tie(loss, f.stats) =
+      fwd.call(student.reshape({-1, V}), f.teacher2, f.t.defined() ? optional<Tensor>(f.t) : c10::nullopt,
+               o.temperature, o.beta, o.ignore_index, o.hard_weight);
+  // mean and batchmean are means over the non-ignored rows, mean's also over V.
+  f.red = reduce_rows(loss, f.t, c10::nullopt, o.ignore_index, V, reduction == 3 ? 1 : reduction,
+                      reduction == 1 ? static_cast<double>(V) : 1.0);
+  if (reduction == 0) f.red.out = f.red.out.view_symint(student.sym_sizes().slice(0, student.dim() - 1));
+  f.red.out = cast(f.red.out, out_dtype);
+  return f;
+}
+
+// Backward of fusedloss::distillation as an autograd Node (see CrossEntropyBackward).
+struct DistillationBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable student;
+  DistillForward f;
+  DistillOptions o;
+
+  std::string name() const override { return "fusedloss::DistillationBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    student.reset_data();
+    f = DistillForward();
+  }
+
+  variable_list apply(variable_list&& grad_outputs) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list grads(1);
+    const Tensor& go = grad_outputs[0];
+    if (!go.defined() || !task_should_compute_output(0)) return grads;
+    const Tensor x = student.unpack();  // (raises after release_variables, or if x was modified)
+    static auto bwd = typed_op<DistillBwd>("fusedloss::distill_bwd");
+    const Tensor grad = bwd.call(grad_scale(go, f.red, f.stats.scalar_type()),
+                                 x.reshape({-1, x.size(-1)}), f.teacher2,
+                                 f.t.defined() ? optional<Tensor>(f.t) : c10::nullopt, f.stats,
+                                 o.temperature, o.beta, o.ignore_index, o.hard_weight);
+    grads[0] = grad.view_symint(x.sym_sizes());
+    return grads;
+  }
+};
+
+Tensor distillation_autograd(const Tensor& student, const Tensor& teacher,
+                             const optional<Tensor>& target, double temperature, double beta,
+                             int64_t ignore_index, double hard_weight, int64_t reduction,
+                             at::ScalarType out_dtype) {
+  const DistillOptions o{temperature, beta, hard_weight, ignore_index};
+  check_distill(student, teacher, target, o, reduction);
+  DistillForward f;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    f = distill_forward(student, teacher, target, o, reduction, out_dtype);
+  }
+  Tensor out = f.red.out;
+  if (torch::autograd::compute_requires_grad(student)) {
+    auto node = c10::make_intrusive<DistillationBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(student));
+    node->student = torch::autograd::SavedVariable(student, false);
+    node->o = o;
+    f.red.out = Tensor();
+    node->f = std::move(f);
+    torch::autograd::set_history(out, node);
+  }
+  return out;
+}
+
+Tensor distillation_plain(const Tensor& student, const Tensor& teacher,
+                          const optional<Tensor>& target, double temperature, double beta,
+                          int64_t ignore_index, double hard_weight, int64_t reduction,
+                          at::ScalarType out_dtype) {
+  const DistillOptions o{temperature, beta, hard_weight, ignore_index};
+  check_distill(student, teacher, target, o, reduction);
+  return distill_forward(student, teacher, target, o, reduction, out_dtype).red.out;
 }
 
 // ---- element-wise losses: input and target of one shape and dtype, contiguous, no weights ------
@@ -429,11 +583,13 @@ Tensor elementwise_plain(int64_t kind, const Tensor& input, const Tensor& target
 TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) {
   m.impl("cross_entropy", &cross_entropy_autograd);
   m.impl("elementwise_loss", &elementwise_autograd);
+  m.impl("distillation", &distillation_autograd);
 }
 
 TORCH_LIBRARY_IMPL(fusedloss, CompositeExplicitAutograd, m) {
   m.impl("cross_entropy", &cross_entropy_plain);
   m.impl("elementwise_loss", &elementwise_plain);
+  m.impl("distillation", &distillation_plain);
 }
 
 }  // namespace fusedloss

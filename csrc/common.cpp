@@ -177,16 +177,17 @@ bool reuse_enabled() {
   return on;
 }
 
-// A buffer's deleter: keep the larger of it and the kept one, free the other.
+// A buffer's deleter: it becomes the kept one (the most recently freed: a training loop frees
+// the buffer its next step asks for; a stale larger one would never fit again), the old is freed.
 void give_back(void* p, size_t bytes) {
-  std::lock_guard<std::mutex> lock(g_kept_mutex);
-  if (g_kept != nullptr && g_kept_bytes >= bytes) {
-    c10::free_cpu(p);
-    return;
+  void* old = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(g_kept_mutex);
+    old = g_kept;
+    g_kept = p;
+    g_kept_bytes = bytes;
   }
-  if (g_kept != nullptr) c10::free_cpu(g_kept);
-  g_kept = p;
-  g_kept_bytes = bytes;
+  if (old != nullptr) c10::free_cpu(old);
 }
 }  // namespace
 

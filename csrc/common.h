@@ -186,8 +186,8 @@ struct OnlineLSE {
 };
 
 // A new uninitialised CPU tensor for a logits-sized result (a gradient). From 8 MiB up its memory is
-// reused: a freed buffer is kept (one, the largest) and handed out again for a request it fits,
-// up to 1.5x its size. Each fresh large allocation is mapped from the OS, and writing it pays a
+// reused: the most recently freed such buffer is kept (one) and handed out again for a request it
+// fits, up to 1.5x its size. Each fresh large allocation is mapped from the OS, and writing it pays a
 // page fault per 4 KiB page (4096x32000 fp32: ~400 ms of faults for ~55 ms of writes, measured);
 // a reused buffer's pages are already mapped. (PyTorch's CUDA caching allocator does the same on
 // GPUs.) FUSEDLOSS_REUSE_BUFFERS=0 turns it off; release_buffers() frees the kept buffer.

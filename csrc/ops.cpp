@@ -82,6 +82,12 @@ TORCH_LIBRARY(fusedloss, m) {
       "elementwise_loss(int kind, Tensor input, Tensor target, Tensor? weight, "
       "Tensor? pos_weight, float delta, bool flag, int reduction, ScalarType out_dtype) "
       "-> Tensor");
+  // Distillation from logits (fusedloss.functional.distillation_loss) in one call, with its
+  // autograd in C++; reduction 0 none, 1 mean, 2 sum, 3 batchmean.
+  m.def(
+      "distillation(Tensor student, Tensor teacher, Tensor? target, float temperature, "
+      "float beta, int ignore_index, float hard_weight, int reduction, ScalarType out_dtype) "
+      "-> Tensor");
   // KL divergence (torch's kl_div), element-wise as bce / huber above: input log-probabilities,
   // target probabilities (log-probabilities if log_target); reduction 0/1/2 = none/mean/sum
   // ('batchmean' is sum / input.size(0), divided in Python).

@@ -14,7 +14,8 @@ import torch
 
 from . import _backend
 from ._common import (FusedLossTypeError, FusedLossValueError, amp_dtype,
-                      check_class_targets_for, check_same_device, check_tensor, reduce_loss)
+                      check_class_targets_for, check_same_device, check_tensor, out_dtype,
+                      reduce_loss)
 from .reference import acc_dtype
 
 _FN = "fusedloss.distillation_loss"
@@ -26,6 +27,11 @@ else:
     _tk = None
 
 if _backend.HAS_CPP:
+
+    @torch.library.register_fake("fusedloss::distillation")
+    def _whole_fake(student, teacher, target, temperature, beta, ignore_index, hard_weight,
+                    reduction, out_dtype):
+        return student.new_empty(student.shape[:-1] if reduction == 0 else (), dtype=out_dtype)
 
     @torch.library.register_fake("fusedloss::distill_fwd")
     def _fwd_fake(student, teacher, target, temperature, beta, ignore_index, hard_weight):
@@ -103,6 +109,10 @@ class _Distill(torch.autograd.Function):
         return (grad.view(student.shape),) + (None,) * 8
 
 
+_NUMBER = (float, int)
+_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2, "batchmean": 3}  # fusedloss::distillation's
+
+
 def _real(name, v, ok, what):
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(float(v)):
         raise FusedLossValueError(f"{name} must be {what}, got {v!r}")
@@ -126,6 +136,20 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
     of another dtype is converted to the student's (a copy). inplace_backward: backward writes the
     gradient over student_logits (not a leaf) instead of a new buffer, as cross_entropy's.
     """
+    if (type(student_logits) is torch.Tensor and type(teacher_logits) is torch.Tensor
+            and student_logits.is_cpu and (target is None or type(target) is torch.Tensor)
+            and not inplace_backward and type(reduction) is str and type(temperature) in _NUMBER
+            and type(beta) in _NUMBER and type(hard_weight) in _NUMBER and _backend.cpu_op()):
+        # One call of the C++ op, which checks the arguments itself (a small batch's time is
+        # per-call overhead); if it rejects them, the checks below name the bad one.
+        code = _REDUCTION_CODE.get(reduction)
+        if code is not None:
+            try:
+                return torch.ops.fusedloss.distillation.default(
+                    student_logits, teacher_logits, target, float(temperature), float(beta),
+                    int(ignore_index), float(hard_weight), code, out_dtype(student_logits))
+            except RuntimeError:
+                pass
     check_tensor("student_logits", student_logits)
     check_tensor("teacher_logits", teacher_logits)
     if student_logits.dim() == 0 or student_logits.shape[-1] == 0:

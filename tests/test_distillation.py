@@ -338,3 +338,35 @@ def test_reference_backend(monkeypatch, beta):
     check(s, t, target, beta=beta, temperature=2.0, hard_weight=0.5, reduction="none")
     x = s.clone().requires_grad_(True) * 1.0
     distillation_loss(x, t, target, beta=beta, inplace_backward=True).backward()
+
+
+def test_whole_loss_op():
+    """fusedloss::distillation (the functional's one-call path on CPU tensors, autograd in C++):
+    every reduction against the float64 reference, with and without targets (ignored rows
+    included), 3-d logits, opcheck (gradcheck in fp64), bf16 with an fp32 result, and its checks."""
+    op = torch.ops.fusedloss.distillation.default
+    s, t = logits(6, 13, dtype=torch.float64), logits(6, 13, seed=1, dtype=torch.float64)
+    target = torch.randint(0, 13, (6,))
+    target[2] = -100
+    for code, red in [(0, "none"), (1, "mean"), (2, "sum"), (3, "batchmean")]:
+        for tg, hw, beta in [(None, 0.0, 0.0), (target, 0.5, 0.4)]:
+            for ss, tt, gg in [(s, t, tg), (s.view(2, 3, 13), t.view(2, 3, 13),
+                                            None if tg is None else tg.view(2, 3))]:
+                x = ss.clone().requires_grad_()
+                args = (x, tt, gg, 1.7, beta, -100, hw, code, torch.float64)
+                got = op(*args)
+                want = reference(x, tt, gg, temperature=1.7, beta=beta, reduction=red,
+                                 hard_weight=hw)
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+                go = torch.rand_like(want)
+                torch.testing.assert_close(torch.autograd.grad(got, x, go),
+                                           torch.autograd.grad(want, x, go), rtol=1e-9,
+                                           atol=1e-12)
+                opcheck(op, args)
+        opcheck(op, (s.bfloat16().requires_grad_(), t.bfloat16(), target, 2.0, 0.0, -100, 0.3,
+                     code, torch.float32))
+    for bad in [(s, t, None, 0.0, 0.0, -100, 0.0, 3), (s, t, None, 1.0, 1.5, -100, 0.0, 3),
+                (s, t, None, 1.0, 0.0, -100, 0.5, 3), (s, t[:, :5], None, 1.0, 0.0, -100, 0.0, 3),
+                (s, t, target[:4], 1.0, 0.0, -100, 0.0, 3), (s, t, None, 1.0, 0.0, -100, 0.0, 4)]:
+        with pytest.raises(RuntimeError, match="fusedloss::distillation"):
+            op(*bad, torch.float64)
