@@ -10,6 +10,7 @@
 #pragma once
 
 #include <atomic>
+#include <utility>
 
 #include "common.h"
 
@@ -84,6 +85,20 @@ RowStats<acc_t> row_stats(const scalar_t* xr, int64_t sC, int64_t C, int64_t y, 
   const acc_t x_y = static_cast<acc_t>(xr[y * sC]);
   OnlineLSE<acc_t> acc;  // over j != y, seeded with m = x_y so that e_y <= 1
   acc.m = x_y;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (sC == 1) {  // read in place (no copy into buf): the classes before and after y
+      for (const auto [lo, hi] : {std::pair<int64_t, int64_t>{0, y}, {y + 1, C}}) {
+        for (int64_t c0 = lo; c0 < hi; c0 += kBlock) acc.add(xr + c0, std::min(kBlock, hi - c0));
+      }
+      if (swx) {
+        acc_t dot = 0;
+        for (int64_t c0 = 0; c0 < C; c0 += kBlock)
+          dot += block_dot<acc_t>(xr + c0, w ? w + c0 : nullptr, std::min(kBlock, C - c0));
+        *swx = dot;
+      }
+      return row_finish(acc.m, acc.s, x_y);
+    }
+  }
   acc_t dot = 0;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
     const int64_t nb = std::min(kBlock, C - c0);
@@ -105,12 +120,23 @@ double block_softmax_grad(const double* x, const double* w, int64_t n, double ls
 
 // The gradient sweep of a row with valid target y: writes scale * (a p_j - k w_j) through gr (C
 // values gC apart; gr may be xr itself: each element is read before it is overwritten) for every
-// j, the target column included (the caller overwrites it), and returns q = sum_{j != y} p_j,
+// j, the target column included or not (the caller writes it), and returns q = sum_{j != y} p_j,
 // which is 1 - p_y without cancellation. bufs: 2 * kBlock scratch.
 template <typename scalar_t, typename acc_t>
 acc_t row_grad(const scalar_t* xr, int64_t sC, int64_t C, int64_t y, acc_t lse, acc_t a, acc_t k,
                const acc_t* w, acc_t scale, scalar_t* gr, int64_t gC, acc_t* buf, acc_t* gbuf) {
   acc_t q = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (sC == 1 && gC == 1) {  // in place, no copies: the classes before and after y
+      for (const auto [lo, hi] : {std::pair<int64_t, int64_t>{0, y}, {y + 1, C}}) {
+        for (int64_t c0 = lo; c0 < hi; c0 += kBlock) {
+          q += block_softmax_grad(xr + c0, w ? w + c0 : nullptr, std::min(kBlock, hi - c0), lse,
+                                  a, k, scale, gr + c0);
+        }
+      }
+      return q;
+    }
+  }
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
     const int64_t nb = std::min(kBlock, C - c0);
     load_block(xr + c0 * sC, sC, nb, buf);
