@@ -386,7 +386,7 @@ Tensor distillation_plain(const Tensor& student, const Tensor& teacher,
   return distill_forward(student, teacher, target, o, reduction, out_dtype).red.out;
 }
 
-// ---- element-wise losses: input and target of one shape and dtype, contiguous, no weights ------
+// ---- element-wise losses: input and target of one shape and dtype ------------------------------
 
 using EwFwd = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&,
                      const optional<Tensor>&, int64_t);
