@@ -87,7 +87,7 @@ RowStats<acc_t> row_stats(const scalar_t* xr, int64_t sC, int64_t C, int64_t y, 
   acc.m = x_y;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (sC == 1) {  // read in place (no copy into buf): the classes before and after y
-      for (const auto [lo, hi] : {std::pair<int64_t, int64_t>{0, y}, {y + 1, C}}) {
+      for (const auto& [lo, hi] : {std::pair<int64_t, int64_t>{0, y}, {y + 1, C}}) {
         for (int64_t c0 = lo; c0 < hi; c0 += kBlock) acc.add(xr + c0, std::min(kBlock, hi - c0));
       }
       if (swx) {
@@ -128,7 +128,7 @@ acc_t row_grad(const scalar_t* xr, int64_t sC, int64_t C, int64_t y, acc_t lse, 
   acc_t q = 0;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (sC == 1 && gC == 1) {  // in place, no copies: the classes before and after y
-      for (const auto [lo, hi] : {std::pair<int64_t, int64_t>{0, y}, {y + 1, C}}) {
+      for (const auto& [lo, hi] : {std::pair<int64_t, int64_t>{0, y}, {y + 1, C}}) {
         for (int64_t c0 = lo; c0 < hi; c0 += kBlock) {
           q += block_softmax_grad(xr + c0, w ? w + c0 : nullptr, std::min(kBlock, hi - c0), lse,
                                   a, k, scale, gr + c0);
