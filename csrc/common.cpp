@@ -3,6 +3,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <torch/library.h>
 
 #include <cstdlib>
 #include <mutex>
@@ -211,7 +212,7 @@ at::Tensor empty_reused(at::IntArrayRef sizes, const at::TensorOptions& options)
   return at::from_blob(p, sizes, [cap](void* d) { give_back(d, cap); }, options);
 }
 
-int64_t release_buffers() {
+int64_t release_buffers() {  // (the op fusedloss::release_buffers)
   std::lock_guard<std::mutex> lock(g_kept_mutex);
   const int64_t freed = static_cast<int64_t>(g_kept_bytes);
   if (g_kept != nullptr) c10::free_cpu(g_kept);
@@ -221,3 +222,8 @@ int64_t release_buffers() {
 }
 
 }  // namespace fusedloss
+
+// An op without tensor arguments dispatches to its CompositeImplicitAutograd kernel.
+TORCH_LIBRARY_IMPL(fusedloss, CompositeImplicitAutograd, m) {
+  m.impl("release_buffers", &fusedloss::release_buffers);
+}

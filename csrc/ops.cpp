@@ -3,8 +3,6 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "common.h"
-
 // `import fusedloss._C` loads this library, which runs the registrations below.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -13,7 +11,7 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fusedloss, m) {
   // Frees the large buffer kept for reuse (common.h empty_reused); returns its size in bytes.
-  m.def("release_buffers() -> int", &fusedloss::release_buffers);
+  m.def("release_buffers() -> int");
   // Cross-entropy: logits viewed as [N, C, D] (D = prod of spatial dims, 1 for (N, C)); target
   // [N*D] int64; weight [C] in the acc dtype (fp32; fp64 for fp64 logits).
   // Forward: the per-row loss and lse, in the acc dtype.
