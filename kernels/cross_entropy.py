@@ -55,6 +55,21 @@ def _grad_y(a, q, w_y, W, lse, k, z_loss):
 
 
 @triton.jit
+def _fwd_grad_terms(lse, q, valid, w_y, w_sum, C, label_smoothing, z_loss, GRAD_SCALE,
+                    HAS_WEIGHT: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, ACC: tl.constexpr):
+    """For a gradient written in forward, from row_stats' results: the off-target factor a, the
+    target column g_y, k = eps/C, lse (0 on ignored rows) and grad_scale (1 if none)."""
+    # W = sum_c w_c is only needed with smoothing (k = 0 otherwise), where row_stats summed it.
+    W = w_sum if HAS_WEIGHT else w_sum + C
+    k = label_smoothing / C
+    lse = tl.where(valid, lse, 0.0)
+    a = _grad_a(w_y, W, lse, label_smoothing, k, z_loss)
+    g_y = _grad_y(a, q, w_y, W, lse, k, z_loss)
+    scale = tl.load(GRAD_SCALE).to(ACC) if HAS_GRAD_SCALE else 1.0
+    return a, g_y, k, lse, scale
+
+
+@triton.jit
 def _cross_entropy_fwd_kernel(
     X, stride_xn, stride_xc, stride_xd, D, TARGET, WEIGHT, LOSS, LSE,
     GRAD_SCALE, G, stride_gn, stride_gc, stride_gd,
@@ -73,13 +88,9 @@ def _cross_entropy_fwd_kernel(
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
     tl.store(LSE + row, tl.where(valid, lse, 0.0))
     if COMPUTE_GRAD:
-        # W = sum_c w_c is only needed with smoothing (k = 0 otherwise), where row_stats summed it.
-        W = w_sum if HAS_WEIGHT else w_sum + C
-        k = label_smoothing / C
-        lse = tl.where(valid, lse, 0.0)
-        a = _grad_a(w_y, W, lse, label_smoothing, k, z_loss)
-        g_y = _grad_y(a, q, w_y, W, lse, k, z_loss)
-        scale = tl.load(GRAD_SCALE).to(ACC) if HAS_GRAD_SCALE else 1.0
+        a, g_y, k, lse, scale = _fwd_grad_terms(lse, q, valid, w_y, w_sum, C, label_smoothing,
+                                                z_loss, GRAD_SCALE, HAS_WEIGHT, HAS_GRAD_SCALE,
+                                                ACC)
         c_read = tl.where(valid, C, 0)
         g_row = G + (row // D) * stride_gn + (row % D) * stride_gd
         for off in range(0, C, BLOCK):  # the row again, just read: in L1/L2
@@ -118,12 +129,9 @@ def _cross_entropy_fwd_rows_kernel(
     tl.store(LOSS + rows, tl.where(valid, loss, 0.0), mask=live)
     tl.store(LSE + rows, tl.where(valid, lse, 0.0), mask=live)
     if COMPUTE_GRAD:
-        W = w_sum if HAS_WEIGHT else w_sum + C
-        k = label_smoothing / C
-        lse = tl.where(valid, lse, 0.0)
-        a = _grad_a(w_y, W, lse, label_smoothing, k, z_loss)
-        g_y = _grad_y(a, q, w_y, W, lse, k, z_loss)
-        scale = tl.load(GRAD_SCALE).to(ACC) if HAS_GRAD_SCALE else 1.0
+        a, g_y, k, lse, scale = _fwd_grad_terms(lse, q, valid, w_y, w_sum, C, label_smoothing,
+                                                z_loss, GRAD_SCALE, HAS_WEIGHT, HAS_GRAD_SCALE,
+                                                ACC)
         cols = tl.arange(0, BLOCK)
         inrow = valid[:, None] & (cols < C)[None, :]
         # The tile again (row_stats2d's read is still in L1/L2).
@@ -166,12 +174,9 @@ def _cross_entropy_fwd_tile_kernel(
     tl.store(LOSS + rows, tl.where(valid, loss, 0.0), mask=live)
     tl.store(LSE + rows, tl.where(valid, lse, 0.0), mask=live)
     if COMPUTE_GRAD:
-        W = w_sum if HAS_WEIGHT else w_sum + C
-        k = label_smoothing / C
-        lse = tl.where(valid, lse, 0.0)
-        a = _grad_a(w_y, W, lse, label_smoothing, k, z_loss)
-        g_y = _grad_y(a, q, w_y, W, lse, k, z_loss)
-        scale = tl.load(GRAD_SCALE).to(ACC) if HAS_GRAD_SCALE else 1.0
+        a, g_y, k, lse, scale = _fwd_grad_terms(lse, q, valid, w_y, w_sum, C, label_smoothing,
+                                                z_loss, GRAD_SCALE, HAS_WEIGHT, HAS_GRAD_SCALE,
+                                                ACC)
         g_px = G + n * stride_gn + d
         for off in range(0, C, BLOCK_C):  # the tile again, just read: in L1/L2
             cls = off + tl.arange(0, BLOCK_C)

@@ -109,6 +109,25 @@ def sigmoid_focal_fwd(input, target, grad_scale, alpha, gamma, reduce, compute_g
 
 
 @triton.jit
+def _focal_row(lse, nll, q, valid, t_safe, ALPHA, gamma, HAS_ALPHA: tl.constexpr,
+               GAMMA_MODE: tl.constexpr, ACC: tl.constexpr):
+    """Softmax focal terms of a row (or of rows / pixels, elementwise) from row_stats' results:
+    lse (0 on ignored rows: keeps exp(x - lse) finite), log p_t, alpha_t and q^gamma."""
+    a_t = tl.load(ALPHA + t_safe).to(ACC) if HAS_ALPHA else 1.0
+    return tl.where(valid, lse, 0.0), -nll, a_t, _pow_gamma(q, gamma, GAMMA_MODE)
+
+
+@triton.jit
+def _focal_grad_a(lp, q, qg, a_t, gamma, valid, GRAD_SCALE, HAS_GRAD_SCALE: tl.constexpr,
+                  ACC: tl.constexpr):
+    """A = scale alpha_t q^gamma (1 - gamma p_t lp/q) (csrc/focal.cpp), 0 on ignored rows: the
+    gradient is A p_j off the target and -A q on it."""
+    scale = tl.load(GRAD_SCALE).to(ACC) if HAS_GRAD_SCALE else 1.0
+    ratio = tl.where(q > 0, lp / tl.where(q > 0, q, 1.0), -1.0)  # log(1-q)/q -> -1 as q -> 0
+    return tl.where(valid, scale * a_t * qg * (1.0 - gamma * tl.exp(lp) * ratio), 0.0)
+
+
+@triton.jit
 def _softmax_focal_fwd_kernel(
     X, stride_xn, stride_xc, stride_xd, D,
     TARGET, ALPHA, GRAD_SCALE, LOSS,
@@ -121,17 +140,12 @@ def _softmax_focal_fwd_kernel(
     row, x_row, t_safe, valid = row_setup(X, stride_xn, stride_xd, D, TARGET, C, ignore_index)
     lse, nll, q, _, _ = row_stats(x_row, stride_xc, C, t_safe, valid, ALPHA, False, False, ACC,
                                   BLOCK)
-    lse = tl.where(valid, lse, 0.0)  # ignored rows: keep exp(x - lse) finite
-    lp = -nll
-    a_t = tl.load(ALPHA + t_safe).to(ACC) if HAS_ALPHA else 1.0
-    qg = _pow_gamma(q, gamma, GAMMA_MODE)
+    lse, lp, a_t, qg = _focal_row(lse, nll, q, valid, t_safe, ALPHA, gamma, HAS_ALPHA,
+                                  GAMMA_MODE, ACC)
     tl.store(LOSS + row, tl.where(valid, -a_t * qg * lp, 0.0))
 
     if COMPUTE_GRAD:
-        scale = tl.load(GRAD_SCALE).to(ACC) if HAS_GRAD_SCALE else 1.0
-        ratio = tl.where(q > 0, lp / tl.where(q > 0, q, 1.0), -1.0)  # log(1-q)/q -> -1 as q -> 0
-        a = scale * a_t * qg * (1.0 - gamma * tl.exp(lp) * ratio)
-        a = tl.where(valid, a, 0.0)
+        a = _focal_grad_a(lp, q, qg, a_t, gamma, valid, GRAD_SCALE, HAS_GRAD_SCALE, ACC)
         g_row = G + (row // D) * stride_gn + (row % D) * stride_gd
         c_read = tl.where(valid, C, 0)  # columns to read: none for ignored rows
         for off in range(0, C, BLOCK):
@@ -157,17 +171,12 @@ def _softmax_focal_fwd_rows_kernel(
                                                    ignore_index, n_rows, ROWS)
     lse, nll, q, _, _ = row_stats2d(x_rows, stride_xc, C, t_safe, valid, ALPHA, False, False,
                                     ACC, BLOCK)
-    lse = tl.where(valid, lse, 0.0)
-    lp = -nll
-    a_t = tl.load(ALPHA + t_safe).to(ACC) if HAS_ALPHA else 1.0
-    qg = _pow_gamma(q, gamma, GAMMA_MODE)
+    lse, lp, a_t, qg = _focal_row(lse, nll, q, valid, t_safe, ALPHA, gamma, HAS_ALPHA,
+                                  GAMMA_MODE, ACC)
     tl.store(LOSS + rows, tl.where(valid, -a_t * qg * lp, 0.0), mask=live)
 
     if COMPUTE_GRAD:
-        scale = tl.load(GRAD_SCALE).to(ACC) if HAS_GRAD_SCALE else 1.0
-        ratio = tl.where(q > 0, lp / tl.where(q > 0, q, 1.0), -1.0)
-        a = scale * a_t * qg * (1.0 - gamma * tl.exp(lp) * ratio)
-        a = tl.where(valid, a, 0.0)
+        a = _focal_grad_a(lp, q, qg, a_t, gamma, valid, GRAD_SCALE, HAS_GRAD_SCALE, ACC)
         cols = tl.arange(0, BLOCK)
         inrow = valid[:, None] & (cols < C)[None, :]
         # The tile again (row_stats2d's read is still in L1/L2).
@@ -196,17 +205,12 @@ def _softmax_focal_fwd_tile_kernel(
     x_px = X + n * stride_xn + d
     lse, nll, q, _, _ = tile_stats(x_px, stride_xc, C, t_safe, valid, ALPHA, False, False, ACC,
                                    BLOCK_C)
-    lse = tl.where(valid, lse, 0.0)
-    lp = -nll
-    a_t = tl.load(ALPHA + t_safe).to(ACC) if HAS_ALPHA else 1.0
-    qg = _pow_gamma(q, gamma, GAMMA_MODE)
+    lse, lp, a_t, qg = _focal_row(lse, nll, q, valid, t_safe, ALPHA, gamma, HAS_ALPHA,
+                                  GAMMA_MODE, ACC)
     tl.store(LOSS + rows, tl.where(valid, -a_t * qg * lp, 0.0), mask=live)
 
     if COMPUTE_GRAD:
-        scale = tl.load(GRAD_SCALE).to(ACC) if HAS_GRAD_SCALE else 1.0
-        ratio = tl.where(q > 0, lp / tl.where(q > 0, q, 1.0), -1.0)
-        a = scale * a_t * qg * (1.0 - gamma * tl.exp(lp) * ratio)
-        a = tl.where(valid, a, 0.0)
+        a = _focal_grad_a(lp, q, qg, a_t, gamma, valid, GRAD_SCALE, HAS_GRAD_SCALE, ACC)
         g_px = G + n * stride_gn + d
         for off in range(0, C, BLOCK_C):  # the tile again, just read: in L1/L2
             cls = off + tl.arange(0, BLOCK_C)
