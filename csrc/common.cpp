@@ -101,6 +101,12 @@ inline void tile_softmax_grad_impl(const T* x, int64_t n, const T* lse, const T*
   }
 }
 
+template <typename T>
+inline void tile_dot_impl(const T* x, int64_t n, T wc, T* d) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] += wc * x[i];
+}
+
 template <typename H>
 inline void to_acc_impl(const H* src, int64_t n, float* dst) {
 #pragma omp simd
@@ -154,6 +160,11 @@ void tile_softmax_grad(const double* x, int64_t n, const double* lse, const doub
                        double* g) {
   tile_softmax_grad_impl(x, n, lse, a, b, wc, tv, c, q, g);
 }
+
+FL_MULTIVERSION void tile_dot(const float* x, int64_t n, float wc, float* d) {
+  tile_dot_impl(x, n, wc, d);
+}
+void tile_dot(const double* x, int64_t n, double wc, double* d) { tile_dot_impl(x, n, wc, d); }
 
 template <> float block_max(const float* x, int64_t n) { return max_f(x, n); }
 template <> double block_max(const double* x, int64_t n) { return max_impl(x, n); }

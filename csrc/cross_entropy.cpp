@@ -95,17 +95,6 @@ void ce_backward_rows(const at::Tensor& /*x: R's*/, const Rows<scalar_t>& R, Tar
 
 #define CE_INLINE __attribute__((always_inline)) inline
 
-// d += wc * x (sum_c w_c x_c per lane, for label smoothing).
-template <typename T>
-CE_INLINE void tile_dot_impl(const T* x, int64_t n, T wc, T* d) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) d[i] += wc * x[i];
-}
-FL_MULTIVERSION void tile_dot(const float* x, int64_t n, float wc, float* d) {
-  tile_dot_impl(x, n, wc, d);
-}
-void tile_dot(const double* x, int64_t n, double wc, double* d) { tile_dot_impl(x, n, wc, d); }
-
 // The row loss of each lane (see the header) from m (the max), s (the sum of exp(x - m) without
 // the target), xt (x at the target), wy (weight[y]) and swx; ignored lanes (tv < 0) get loss and
 // lse 0. Selects, not branches, so that it vectorises (a zero-coefficient term is discarded, never
@@ -135,19 +124,6 @@ void ce_tile_terms(int64_t n, const double* m, const double* s, const double* xt
   ce_tile_terms_impl(n, m, s, xt, wy, swx, tv, eps, k, W, z, loss, lse);
 }
 
-// A tile's targets: tv (the class as acc_t, -1 for none), and if xt / wy are given x at the
-// target and weight[y] (0 for none).
-template <typename scalar_t, typename acc_t>
-void tile_targets(const Rows<scalar_t>& R, const TileGeom& G, const Tile& t, Targets& T,
-                  const scalar_t* xt, acc_t* tv, acc_t* xv, acc_t* wv) {
-  for (int64_t i = 0; i < t.S; ++i) {
-    const int64_t y = T(t.r0 + i);
-    tv[i] = static_cast<acc_t>(y);  // exact: C < 2^24 classes
-    if (xv) xv[i] = y >= 0 ? static_cast<acc_t>(xt[i * G.lane + y * G.sC]) : acc_t(0);
-    wv[i] = y >= 0 ? (R.w ? R.w[y] : acc_t(1)) : acc_t(0);
-  }
-}
-
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 void ce_forward_tiles(const at::Tensor& x, const Rows<scalar_t>& R, Targets& T, acc_t* loss,
                       acc_t* lse) {
@@ -158,19 +134,8 @@ void ce_forward_tiles(const at::Tensor& x, const Rows<scalar_t>& R, Targets& T, 
       const Tile t = G.at(k);
       const int64_t S = t.S;
       const scalar_t* xt = R.x + t.xoff;
-      tile_targets(R, G, t, T, xt, tv, xv, wv);
-      std::fill_n(m, S, -std::numeric_limits<acc_t>::infinity());
-      std::fill_n(s, S, acc_t(0));
-      std::fill_n(dv, S, acc_t(0));
-      for (int64_t c = 0; c < G.C; ++c) {
-        load_block(xt + c * G.sC, G.lane, S, buf);
-        tile_max(buf, S, m);
-        if (R.eps != 0) tile_dot(buf, S, R.w ? R.w[c] : acc_t(1), dv);
-      }
-      for (int64_t c = 0; c < G.C; ++c) {
-        load_block(xt + c * G.sC, G.lane, S, buf);
-        tile_sum_exp(buf, S, m, tv, static_cast<acc_t>(c), s);
-      }
+      tile_targets(G, t, T, xt, R.w, tv, xv, wv);
+      tile_stats(G, S, xt, tv, R.w, m, s, R.eps != 0 ? dv : nullptr, buf);
       ce_tile_terms(S, m, s, xv, wv, dv, tv, R.eps, R.k, R.w_sum, R.z, loss + t.r0, lse + t.r0);
     }
   });
@@ -190,7 +155,7 @@ void ce_backward_tiles(const at::Tensor& x, const Rows<scalar_t>& R, Targets& T,
       const int64_t S = t.S;
       const scalar_t* xt = R.x + t.xoff;
       scalar_t* gt = g + t.goff;
-      tile_targets(R, G, t, T, xt, tv, (acc_t*)nullptr, wv);
+      tile_targets(G, t, T, xt, R.w, tv, (acc_t*)nullptr, wv);
       bool any_ignored = false;
       for (int64_t i = 0; i < S; ++i) {
         const bool valid = tv[i] >= 0;

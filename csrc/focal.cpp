@@ -250,22 +250,8 @@ void softmax_focal_tiles(const at::Tensor& x, Targets& T, const acc_t* alpha, ac
       const Tile t = G.at(k);
       const int64_t S = t.S;
       const scalar_t* xt = xp + t.xoff;
-      for (int64_t i = 0; i < S; ++i) {  // targets, x and alpha at the targets
-        const int64_t y = T(t.r0 + i);
-        tv[i] = static_cast<acc_t>(y);  // exact: C < 2^24 classes; -1 matches no class
-        xv[i] = y >= 0 ? static_cast<acc_t>(xt[i * G.lane + y * G.sC]) : acc_t(0);
-        av[i] = y >= 0 ? (alpha ? alpha[y] : acc_t(1)) : acc_t(0);  // 0: no loss, no gradient
-      }
-      std::fill_n(m, S, -std::numeric_limits<acc_t>::infinity());
-      std::fill_n(s, S, acc_t(0));
-      for (int64_t c = 0; c < G.C; ++c) {
-        load_block(xt + c * G.sC, G.lane, S, buf);
-        tile_max(buf, S, m);
-      }
-      for (int64_t c = 0; c < G.C; ++c) {
-        load_block(xt + c * G.sC, G.lane, S, buf);
-        tile_sum_exp(buf, S, m, tv, static_cast<acc_t>(c), s);
-      }
+      tile_targets(G, t, T, xt, alpha, tv, xv, av);  // alpha_t 0 for ignored: no loss, no grad
+      tile_stats(G, S, xt, tv, alpha, m, s, (acc_t*)nullptr, buf);
       for (int64_t i = 0; i < S; ++i) {
         if (tv[i] < 0) xv[i] = m[i];  // ignored: any finite terms will do (alpha_t = 0)
       }

@@ -199,6 +199,7 @@ struct TileGeom {
 //   tile_sum_exp:  s += exp(x - m) on the lanes whose target tv is not class c
 //   tile_softmax_grad: p = exp(x - lse); q += p on the lanes whose target is not c;
 //                      g = a p - b wc (b null: g = a p)
+//   tile_dot:      d += wc x
 void tile_max(const float* x, int64_t n, float* m);
 void tile_max(const double* x, int64_t n, double* m);
 void tile_sum_exp(const float* x, int64_t n, const float* m, const float* tv, float c, float* s);
@@ -209,5 +210,42 @@ void tile_softmax_grad(const float* x, int64_t n, const float* lse, const float*
 void tile_softmax_grad(const double* x, int64_t n, const double* lse, const double* a,
                        const double* b, double wc, const double* tv, double c, double* q,
                        double* g);
+
+void tile_dot(const float* x, int64_t n, float wc, float* d);  // d += wc x
+void tile_dot(const double* x, int64_t n, double wc, double* d);
+
+// A tile's targets, per lane: tv the class as acc_t (-1: ignored or out of range; exact for
+// C < 2^24 classes), w_y into wv (1 without w; 0 for an ignored lane: no loss, no gradient), and
+// if xv is given x at the target (0 for an ignored lane). xt: the tile's first lane.
+template <typename scalar_t, typename acc_t>
+void tile_targets(const TileGeom& G, const Tile& t, Targets& T, const scalar_t* xt,
+                  const acc_t* w, acc_t* tv, acc_t* xv, acc_t* wv) {
+  for (int64_t i = 0; i < t.S; ++i) {
+    const int64_t y = T(t.r0 + i);
+    tv[i] = static_cast<acc_t>(y);
+    if (xv) xv[i] = y >= 0 ? static_cast<acc_t>(xt[i * G.lane + y * G.sC]) : acc_t(0);
+    wv[i] = y >= 0 ? (w ? w[y] : acc_t(1)) : acc_t(0);
+  }
+}
+
+// The statistics sweeps of a tile's S lanes, class by class: m the max, s the sum of exp(x - m)
+// over the classes other than each lane's target, and if d is given d = sum_c w_c x_c (w null:
+// sum_c x_c) for label smoothing. buf: kTile scratch; the tile stays in cache between sweeps.
+template <typename scalar_t, typename acc_t>
+void tile_stats(const TileGeom& G, int64_t S, const scalar_t* xt, const acc_t* tv, const acc_t* w,
+                acc_t* m, acc_t* s, acc_t* d, acc_t* buf) {
+  std::fill_n(m, S, -std::numeric_limits<acc_t>::infinity());
+  std::fill_n(s, S, acc_t(0));
+  if (d) std::fill_n(d, S, acc_t(0));
+  for (int64_t c = 0; c < G.C; ++c) {
+    load_block(xt + c * G.sC, G.lane, S, buf);
+    tile_max(buf, S, m);
+    if (d) tile_dot(buf, S, w ? w[c] : acc_t(1), d);
+  }
+  for (int64_t c = 0; c < G.C; ++c) {
+    load_block(xt + c * G.sC, G.lane, S, buf);
+    tile_sum_exp(buf, S, m, tv, static_cast<acc_t>(c), s);
+  }
+}
 
 }  // namespace fusedloss
