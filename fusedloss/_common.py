@@ -5,6 +5,8 @@ from . import _backend
 
 REDUCTIONS = ("none", "mean", "sum")
 REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # the ops' int reduction argument
+# ... and for the one-call KL divergence and distillation ops, which also take 'batchmean'
+OP_REDUCTION_CODE = {**REDUCTION_CODE, "batchmean": 3}
 
 
 class FusedLossValueError(ValueError, RuntimeError):
@@ -100,6 +102,19 @@ def out_dtype(t: torch.Tensor) -> torch.dtype:
     """amp_dtype(t), without the autocast query for fp32 and fp64 (a small loss's per-call cost)."""
     dt = t.dtype
     return dt if dt is torch.float32 or dt is torch.float64 else amp_dtype(t)
+
+
+def call_or_none(op, *args):
+    """op(*args), or None where the op rejects its arguments (a RuntimeError from its C++ checks).
+
+    The functionals' fast path: the common case as one call of a C++ op that checks its own
+    arguments (a small batch's time is per-call overhead). On None the caller runs its Python
+    checks, which raise the error that names the bad argument (an IndexError for a bad class
+    index is not caught: it is the call's own error)."""
+    try:
+        return op(*args)
+    except RuntimeError:
+        return None
 
 
 def reduce_loss(loss: torch.Tensor, reduction: str, denom=None) -> torch.Tensor:

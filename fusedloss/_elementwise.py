@@ -11,7 +11,8 @@ reduced in fp32); backward re-reads the inputs and returns the gradients with gr
 import torch
 
 from . import _backend
-from ._common import REDUCTION_CODE, FusedLossValueError, out_dtype
+from ._common import (OP_REDUCTION_CODE, REDUCTION_CODE, FusedLossValueError, call_or_none,
+                      out_dtype)
 from .reference import acc_dtype
 
 # kind -> (fwd, bwd), filled by bce.py / huber.py, with backend = _backend.backend_for(x):
@@ -142,14 +143,11 @@ def fast(kind, input, target, weight, pos_weight, delta, flag, reduction):
     returns)."""
     if (type(input) is torch.Tensor and type(target) is torch.Tensor and input.is_cpu
             and type(reduction) is str and _backend.cpu_op()):
-        code = 3 if reduction == "batchmean" else REDUCTION_CODE.get(reduction)
+        code = OP_REDUCTION_CODE.get(reduction)
         if code is not None:
-            try:
-                return torch.ops.fusedloss.elementwise_loss.default(
-                    kind, input, target, weight, pos_weight, float(delta), bool(flag), code,
-                    out_dtype(input))
-            except RuntimeError:
-                pass
+            return call_or_none(torch.ops.fusedloss.elementwise_loss.default, kind, input,
+                                target, weight, pos_weight, float(delta), bool(flag), code,
+                                out_dtype(input))
     return None
 
 

@@ -15,7 +15,8 @@ import torch
 from . import _backend
 from ._common import (REDUCTION_CODE, FusedLossValueError, amp_dtype, check_class_targets_for,
                       check_index_target, check_same_device, check_tensor, class_count,
-                      class_weight_sum, out_dtype, reduce_loss, resolve_reduction)
+                      class_weight_sum, call_or_none, out_dtype, reduce_loss,
+                      resolve_reduction)
 from .reference import acc_dtype
 
 _FN = "fusedloss.cross_entropy"
@@ -202,16 +203,13 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
             and target.dtype is torch.int64 and type(reduction) is str and size_average is None
             and reduce is None and not inplace_backward
             and (weight is None or type(weight) is torch.Tensor) and _backend.cpu_op()):
-        # The common case in one call of the C++ op, which checks the arguments itself (a small
-        # batch's time is per-call overhead). If it rejects them, the checks below raise the
-        # error that names the argument.
+        # The common case as one call of the C++ op (see call_or_none).
         code = REDUCTION_CODE.get(reduction)
         if code is not None:
-            try:
-                return _whole_op(input, target, weight, code, int(ignore_index),
-                                 float(label_smoothing), float(z_loss), out_dtype(input))
-            except RuntimeError:
-                pass
+            out = call_or_none(_whole_op, input, target, weight, code, int(ignore_index),
+                               float(label_smoothing), float(z_loss), out_dtype(input))
+            if out is not None:
+                return out
     reduction = resolve_reduction(reduction, size_average, reduce)
     n_classes = class_count(input)
     check_tensor("target", target, floating=False)

@@ -13,9 +13,9 @@ import numbers
 import torch
 
 from . import _backend
-from ._common import (FusedLossTypeError, FusedLossValueError, amp_dtype,
-                      check_class_targets_for, check_same_device, check_tensor, out_dtype,
-                      reduce_loss)
+from ._common import (OP_REDUCTION_CODE, FusedLossTypeError, FusedLossValueError, amp_dtype,
+                      call_or_none, check_class_targets_for, check_same_device, check_tensor,
+                      out_dtype, reduce_loss)
 from .reference import acc_dtype
 
 _FN = "fusedloss.distillation_loss"
@@ -110,7 +110,6 @@ class _Distill(torch.autograd.Function):
 
 
 _NUMBER = (float, int)
-_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2, "batchmean": 3}  # fusedloss::distillation's
 
 
 def _real(name, v, ok, what):
@@ -140,16 +139,15 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
             and student_logits.is_cpu and (target is None or type(target) is torch.Tensor)
             and not inplace_backward and type(reduction) is str and type(temperature) in _NUMBER
             and type(beta) in _NUMBER and type(hard_weight) in _NUMBER and _backend.cpu_op()):
-        # One call of the C++ op, which checks the arguments itself (a small batch's time is
-        # per-call overhead); if it rejects them, the checks below name the bad one.
-        code = _REDUCTION_CODE.get(reduction)
+        # The common case as one call of the C++ op (see call_or_none).
+        code = OP_REDUCTION_CODE.get(reduction)
         if code is not None:
-            try:
-                return torch.ops.fusedloss.distillation.default(
-                    student_logits, teacher_logits, target, float(temperature), float(beta),
-                    int(ignore_index), float(hard_weight), code, out_dtype(student_logits))
-            except RuntimeError:
-                pass
+            out = call_or_none(torch.ops.fusedloss.distillation.default, student_logits,
+                               teacher_logits, target, float(temperature), float(beta),
+                               int(ignore_index), float(hard_weight), code,
+                               out_dtype(student_logits))
+            if out is not None:
+                return out
     check_tensor("student_logits", student_logits)
     check_tensor("teacher_logits", teacher_logits)
     if student_logits.dim() == 0 or student_logits.shape[-1] == 0:
