@@ -8,7 +8,8 @@
 // reduction and the autograd bookkeeping in C++, and backward runs without entering Python.
 // The kernels are the same ops as the Python path's (called through the dispatcher, so CUDA
 // tensors reach the Triton kernels registered for "cuda"); the Python path stays for what these
-// ops do not cover (probability targets, inplace_backward, broadcast operands, other backends).
+// ops do not cover (probability targets, inplace_backward, input and target of different shapes or
+// dtypes, other backends).
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/index_select.h>

@@ -149,9 +149,3 @@ def fast(kind, input, target, weight, pos_weight, delta, flag, reduction):
                                 target, weight, pos_weight, float(delta), bool(flag), code,
                                 out_dtype(input))
     return None
-
-
-def apply(kind, params, reduction, out_dtype, input, target, weight, pos_weight):
-    """ElementwiseLoss.apply (the general path; the functionals try fast() first)."""
-    return ElementwiseLoss.apply(kind, params, reduction, out_dtype, input, target, weight,
-                                 pos_weight)

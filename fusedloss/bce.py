@@ -12,7 +12,7 @@ from . import _backend
 from ._common import (FusedLossValueError, amp_dtype, check_same_device, check_tensor,
                       resolve_reduction)
 from . import _elementwise
-from ._elementwise import IMPLS, fake_bwd, fake_fwd
+from ._elementwise import IMPLS, ElementwiseLoss, fake_bwd, fake_fwd
 
 if _backend.HAS_TRITON:
     from fusedloss.kernels import bce as _tk
@@ -81,5 +81,5 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
                 f"{name} requires grad, but binary_cross_entropy_with_logits is not "
                 f"differentiable with respect to {name} (as in torch)")
     check_same_device("input", input, target=target, weight=weight, pos_weight=pos_weight)
-    return _elementwise.apply("bce", (), reduction, amp_dtype(target), input, target, weight,
+    return ElementwiseLoss.apply("bce", (), reduction, amp_dtype(target), input, target, weight,
                                  pos_weight)

@@ -12,7 +12,7 @@ from . import _backend
 from ._common import (FusedLossValueError, amp_dtype, check_same_device, check_tensor, reduce_loss,
                       resolve_reduction)
 from . import _elementwise
-from ._elementwise import IMPLS, broadcast_shape, fake_bwd, fake_fwd
+from ._elementwise import IMPLS, ElementwiseLoss, broadcast_shape, fake_bwd, fake_fwd
 
 if _backend.HAS_TRITON:
     from fusedloss.kernels import huber as _tk
@@ -83,10 +83,10 @@ def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
         check_same_device("input", input, weight=weight)
         out_dtype = torch.promote_types(out_dtype, amp_dtype(weight))
         if weight.requires_grad:
-            loss = _elementwise.apply("huber", (delta, False), "none", amp_dtype(input), input,
+            loss = ElementwiseLoss.apply("huber", (delta, False), "none", amp_dtype(input), input,
                                          target, None, None) * weight
             return reduce_loss(loss, reduction)
-    return _elementwise.apply("huber", (delta, False), reduction, out_dtype, input, target,
+    return ElementwiseLoss.apply("huber", (delta, False), reduction, out_dtype, input, target,
                                  weight, None)
 
 
@@ -106,5 +106,5 @@ def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mea
             f"beta must be >= 0 (smooth_l1_loss does not support negative values for "
             f"beta), got {beta}")
     out_dtype = torch.promote_types(amp_dtype(input), amp_dtype(target))
-    return _elementwise.apply("huber", (beta, True), reduction, out_dtype, input, target, None,
+    return ElementwiseLoss.apply("huber", (beta, True), reduction, out_dtype, input, target, None,
                                  None)
