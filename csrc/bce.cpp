@@ -13,56 +13,46 @@
 namespace fusedloss {
 namespace {
 
-// The loop for one run (EwRun, elementwise.h): S the storage type, A = acc_type<S>.
+// Element i of one run (EwRun, elementwise.h; S the storage type, A = acc_type<S>).
 struct BceLoop {
-  template <int kMode, bool kFull, typename S>
-  FL_ALWAYS_INLINE acc_type<S> run(const EwRun<S>& r) const {
+  template <bool kFull, typename S>
+  FL_ALWAYS_INLINE acc_type<S> loss(const EwRun<S>& r, int64_t i) const {
     using A = acc_type<S>;
-    const int64_t n = r.n;
-    const S* x = r.x;
-    const S* y = r.y;
-    const A* w = r.w;
-    const A* pw = r.pw;
-    const S* go = r.go;
-    S* loss = r.loss;
-    S* gx = r.gx;
-    S* gy = r.gy;
-    const A gs = r.gs;
-    A total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t i = 0; i < n; ++i) {
-      const A xi = ew_load(x[i]), yi = ew_load(y[i]);
-      const A e = fast_exp(-std::abs(xi));
-      const A a = kFull ? pw[i] * yi : yi, b = A(1) - yi;
-      const A f = kFull ? gs * ew_load(go[i]) : gs;  // grad_out * scale
-      if constexpr (kMode != kGradX) {
-        const A l1p = fast_log1p(e);
-        const A sp_pos = std::max(xi, A(0)) + l1p;   // softplus(x)
-        const A sp_neg = std::max(-xi, A(0)) + l1p;  // softplus(-x)
-        if constexpr (kMode == kLossSum || kMode == kLossStore) {
-          A l = a * sp_neg + b * sp_pos;
-          if constexpr (kFull) l = w[i] * l;
-          if constexpr (kMode == kLossSum) total += l;
-          else ew_store(loss + i, l);
-        } else {
-          A g = kFull ? pw[i] * sp_neg - sp_pos : sp_neg - sp_pos;
-          if constexpr (kFull) g = w[i] * g;
-          ew_store(gy + i, g * f);
-        }
-      }
-      if constexpr (kMode == kGradX || kMode == kGradXY) {
-        const A r1 = A(1) / (A(1) + e);
-        const A sig_pos = xi >= 0 ? r1 : e * r1;  // sigmoid(x)
-        const A sig_neg = xi >= 0 ? e * r1 : r1;  // sigmoid(-x)
-        A g = b * sig_pos - a * sig_neg;
-        if constexpr (kFull) g = w[i] * g;
-        ew_store(gx + i, g * f);
-      }
+    const A xi = ew_load(r.x[i]), yi = ew_load(r.y[i]);
+    const A l1p = fast_log1p(fast_exp(-std::abs(xi)));
+    const A sp_pos = std::max(xi, A(0)) + l1p;   // softplus(x)
+    const A sp_neg = std::max(-xi, A(0)) + l1p;  // softplus(-x)
+    const A a = kFull ? r.pw[i] * yi : yi;
+    const A l = a * sp_neg + (A(1) - yi) * sp_pos;
+    return kFull ? r.w[i] * l : l;
+  }
+  template <int kMode, bool kFull, typename S>
+  FL_ALWAYS_INLINE void grad(const EwRun<S>& r, int64_t i) const {
+    using A = acc_type<S>;
+    const A xi = ew_load(r.x[i]), yi = ew_load(r.y[i]);
+    const A e = fast_exp(-std::abs(xi));
+    const A a = kFull ? r.pw[i] * yi : yi, b = A(1) - yi;
+    const A f = kFull ? r.gs * ew_load(r.go[i]) : r.gs;  // grad_out * scale
+    const A r1 = A(1) / (A(1) + e);
+    const A sig_pos = xi >= 0 ? r1 : e * r1;  // sigmoid(x)
+    const A sig_neg = xi >= 0 ? e * r1 : r1;  // sigmoid(-x)
+    A g = b * sig_pos - a * sig_neg;
+    if constexpr (kFull) g = r.w[i] * g;
+    ew_store(r.gx + i, g * f);
+    if constexpr (kMode == kGradXY) {
+      const A l1p = fast_log1p(e);
+      const A sp_pos = std::max(xi, A(0)) + l1p;   // softplus(x)
+      const A sp_neg = std::max(-xi, A(0)) + l1p;  // softplus(-x)
+      A gy = kFull ? r.pw[i] * sp_neg - sp_pos : sp_neg - sp_pos;
+      if constexpr (kFull) gy = r.w[i] * gy;
+      ew_store(r.gy + i, gy * f);
     }
-    return total;
   }
 };
 
+FL_MULTIVERSION float bce_block(int mode, bool full, const EwRun<c10::BFloat16>& r) {
+  return ew_dispatch(BceLoop{}, mode, full, r);
+}
 FL_MULTIVERSION float bce_block(int mode, bool full, const EwRun<float>& r) {
   return ew_dispatch(BceLoop{}, mode, full, r);
 }
@@ -71,7 +61,6 @@ double bce_block(int mode, bool full, const EwRun<double>& r) {
 }
 
 struct Bce {
-  static constexpr bool kBf16InPlace = false;  // exp + log per element: see elementwise.h
   template <typename S>
   acc_type<S> operator()(int mode, bool full, const EwRun<S>& r) const {
     return bce_block(mode, full, r);

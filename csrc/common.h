@@ -21,9 +21,11 @@ namespace fusedloss {
 // vectorised loops below.
 constexpr int64_t kBlock = 1024;
 
-// The hot loops are compiled for AVX-512, x86-64-v3 (AVX2 + FMA) and baseline x86-64; the loader
-// picks one at run time, so the wheel stays portable and still uses wide vectors where the CPU
-// has them. x86-64-v3 rather than plain "avx2": that target has no FMA, so every polynomial step
+// The hot loops are compiled for x86-64-v4 (AVX-512 F/BW/DQ/VL: every AVX-512 CPU but Xeon Phi,
+// which takes the v3 clone), x86-64-v3 (AVX2 + FMA) and baseline x86-64; the loader picks one at
+// run time, so the wheel stays portable and still uses wide vectors where the CPU has them.
+// v4 rather than plain "avx512f": without AVX512BW gcc has no 512-bit 16-bit-lane vectors and
+// compiled every loop that reads bf16 at 256 bits. x86-64-v3 rather than plain "avx2": that target has no FMA, so every polynomial step
 // of fast_exp/fast_log was a separate multiply and add (fp32 cross-entropy forward 4096x32000,
 // AVX2 code on this machine: 97-102 ms with FMA vs 118-127 ms without).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -31,7 +33,7 @@ constexpr int64_t kBlock = 1024;
 // it, so compiled for its ISA and vectorised with it; left to gcc's inliner, such calls stay out
 // of line (baseline x86-64, a scalar loop) once a file has many instantiations.
 #define FL_MULTIVERSION \
-  __attribute__((flatten, target_clones("avx512f", "arch=x86-64-v3", "default")))
+  __attribute__((flatten, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FL_MULTIVERSION
 #endif

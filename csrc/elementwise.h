@@ -14,10 +14,10 @@
 // the outputs narrowed in the same loop. Without weights and with a scalar grad_out (every
 // reduced loss) it is the "lean" loop: two loads per element, no ones-vectors, grad_out * scale
 // one register. Other layouts (strided or broadcast runs, fp16) go through L1-sized fp32
-// buffers into the fp32 loop, and so does bf16 for a loss whose Block says !kBf16InPlace: gcc 12
-// compiles a loop that mixes bf16 and fp32 at 256 bits even in the AVX-512 clone, which pays
-// off for Huber's few operations per element (2^22 bf16 fwd+bwd about 1.7x faster than the
-// buffers) but not for BCE's and KL's exp and log (BCE bf16 0.71x -> 0.59x of torch.compile).
+// buffers into the fp32 loop. The mixed bf16/fp32 loops run at full AVX-512 width because the
+// clone targets x86-64-v4 (AVX512BW: 16-bit lanes in zmm) and the sums avoid omp reductions
+// (lane_sum below); before both, gcc compiled them at 256 bits and bf16 BCE and KL were faster
+// through the buffers.
 //
 // The index space is cut into fixed chunks of kElemChunk elements, one fp32 partial sum each,
 // added pairwise in chunk order: the reduced loss does not depend on the thread count.
@@ -145,24 +145,59 @@ struct EwRun {
   S* gy = nullptr;
 };
 
-// Dispatches the run-time (mode, full) to a loss's loop template: Impl::template run<kMode,
-// kFull>(r) (forced inline into the caller, an FL_MULTIVERSION function per storage type).
+// Sum of f(i) over [0, n) in kSumLanes accumulators, added pairwise at the end. Not
+// `omp simd reduction`: gcc sizes such a loop's reduction lanes for the baseline target before
+// target_clones makes the AVX-512 copy (16 lanes of the narrowest type), so a loop reading bf16
+// ran at 8 fp32 lanes (ymm) there (Huber 2^22 bf16 forward: 0.44 ms vs 0.36 ms with lanes). An
+// inner loop over a lane array has no such limit: each clone picks its own width.
+constexpr int kSumLanes = 32;
+template <typename A, typename F>
+FL_ALWAYS_INLINE A lane_sum(int64_t n, F&& f) {
+  A acc[kSumLanes] = {};
+  int64_t i = 0;
+  for (; i + kSumLanes <= n; i += kSumLanes) {
+#pragma omp simd
+    for (int j = 0; j < kSumLanes; ++j) acc[j] += f(i + j);
+  }
+  A tail = 0;
+  for (; i < n; ++i) tail += f(i);
+  return pairwise_sum(acc, kSumLanes) + tail;
+}
+
+// One run of a loss's loop in mode kMode: Impl::loss<kFull>(r, i) is element i's loss,
+// Impl::grad<kMode, kFull>(r, i) stores element i's gradients (both forced inline).
+template <int kMode, bool kFull, typename Impl, typename S>
+FL_ALWAYS_INLINE acc_type<S> ew_loop(const Impl& impl, const EwRun<S>& run) {
+  const EwRun<S> r = run;  // a local copy: the stores below cannot alias its pointers
+  if constexpr (kMode == kLossSum) {
+    return lane_sum<acc_type<S>>(r.n, [&](int64_t i) { return impl.template loss<kFull>(r, i); });
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < r.n; ++i) {
+    if constexpr (kMode == kLossStore) ew_store(r.loss + i, impl.template loss<kFull>(r, i));
+    else impl.template grad<kMode, kFull>(r, i);
+  }
+  return 0;
+}
+
+// Dispatches the run-time (mode, full) to ew_loop (forced inline into the caller, an
+// FL_MULTIVERSION function per storage type).
 template <typename Impl, typename S>
 FL_ALWAYS_INLINE acc_type<S> ew_dispatch(const Impl& impl, int mode, bool full,
                                          const EwRun<S>& r) {
   if (full) {
     switch (mode) {
-      case kLossSum: return impl.template run<kLossSum, true>(r);
-      case kLossStore: return impl.template run<kLossStore, true>(r);
-      case kGradX: return impl.template run<kGradX, true>(r);
-      default: return impl.template run<kGradXY, true>(r);
+      case kLossSum: return ew_loop<kLossSum, true>(impl, r);
+      case kLossStore: return ew_loop<kLossStore, true>(impl, r);
+      case kGradX: return ew_loop<kGradX, true>(impl, r);
+      default: return ew_loop<kGradXY, true>(impl, r);
     }
   }
   switch (mode) {
-    case kLossSum: return impl.template run<kLossSum, false>(r);
-    case kLossStore: return impl.template run<kLossStore, false>(r);
-    case kGradX: return impl.template run<kGradX, false>(r);
-    default: return impl.template run<kGradXY, false>(r);
+    case kLossSum: return ew_loop<kLossSum, false>(impl, r);
+    case kLossStore: return ew_loop<kLossStore, false>(impl, r);
+    case kGradX: return ew_loop<kGradX, false>(impl, r);
+    default: return ew_loop<kGradXY, false>(impl, r);
   }
 }
 
@@ -171,8 +206,7 @@ inline bool all_strides_zero(const View4<T>& v) {
   return v.stride[0] == 0 && v.stride[1] == 0 && v.stride[2] == 0 && v.stride[3] == 0;
 }
 
-// Runs an element-wise loss. Block::kBf16InPlace: whether bf16 runs go to its loop in place
-// (else widened into fp32 buffers first). `block(mode, full, run)` runs the loss's loop over one EwRun (its
+// Runs an element-wise loss. `block(mode, full, run)` runs the loss's loop over one EwRun (its
 // storage type float, BFloat16 or double) and returns the sum of the per-element loss for
 // kLossSum. Forward (want_loss): returns the loss, per element in the input dtype or the reduced
 // 0-dim value in the acc dtype. Backward (grad_out given, a 4-d view in the input dtype): returns
@@ -209,8 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_run(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fusedloss_elementwise", [&] {
     using acc_t = acc_type<scalar_t>;
     // The storage type the loops read in place; fp16 runs go through fp32 buffers.
-    constexpr bool kInPlace = !std::is_same_v<scalar_t, c10::Half> &&
-                              (!std::is_same_v<scalar_t, c10::BFloat16> || Block::kBf16InPlace);
+    constexpr bool kInPlace = !std::is_same_v<scalar_t, c10::Half>;
     using S = std::conditional_t<kInPlace, scalar_t, float>;
     const acc_t scale = reduction == kReduceMean ? acc_t(1) / static_cast<acc_t>(numel) : acc_t(1);
     const View4<scalar_t> xv(x), yv(y), gov(go);

@@ -12,42 +12,26 @@
 namespace fusedloss {
 namespace {
 
-// The loop for one run (EwRun, elementwise.h): S the storage type, A = acc_type<S>.
+// Element i of one run (EwRun, elementwise.h; S the storage type, A = acc_type<S>).
 template <typename A>
 struct HuberLoop {
   A t, k, m;
+  template <bool kFull, typename S>
+  FL_ALWAYS_INLINE A loss(const EwRun<S>& r, int64_t i) const {
+    const A d = ew_load(r.x[i]) - ew_load(r.y[i]);
+    const A ad = std::abs(d);
+    const A l = ad < t ? A(0.5) * k * d * d : m * (ad - A(0.5) * t);
+    return kFull ? r.w[i] * l : l;
+  }
   template <int kMode, bool kFull, typename S>
-  FL_ALWAYS_INLINE A run(const EwRun<S>& r) const {
-    const int64_t n = r.n;
-    const S* x = r.x;
-    const S* y = r.y;
-    const A* w = r.w;
-    const S* go = r.go;
-    S* loss = r.loss;
-    S* gx = r.gx;
-    S* gy = r.gy;
-    const A gs = r.gs;
-    A total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t i = 0; i < n; ++i) {
-      const A d = ew_load(x[i]) - ew_load(y[i]);
-      const A ad = std::abs(d);
-      const bool quad = ad < t;
-      if constexpr (kMode == kLossSum || kMode == kLossStore) {
-        A l = quad ? A(0.5) * k * d * d : m * (ad - A(0.5) * t);
-        if constexpr (kFull) l = w[i] * l;
-        if constexpr (kMode == kLossSum) total += l;
-        else ew_store(loss + i, l);
-      } else {
-        const A sgn = d > 0 ? A(1) : (d < 0 ? A(-1) : d);  // 0 -> 0, NaN -> NaN
-        A g = quad ? k * d : m * sgn;
-        if constexpr (kFull) g = w[i] * g * (gs * ew_load(go[i]));
-        else g = g * gs;
-        ew_store(gx + i, g);
-        if constexpr (kMode == kGradXY) ew_store(gy + i, -g);
-      }
-    }
-    return total;
+  FL_ALWAYS_INLINE void grad(const EwRun<S>& r, int64_t i) const {
+    const A d = ew_load(r.x[i]) - ew_load(r.y[i]);
+    const A sgn = d > 0 ? A(1) : (d < 0 ? A(-1) : d);  // 0 -> 0, NaN -> NaN
+    A g = std::abs(d) < t ? k * d : m * sgn;
+    if constexpr (kFull) g = r.w[i] * g * (r.gs * ew_load(r.go[i]));
+    else g = g * r.gs;
+    ew_store(r.gx + i, g);
+    if constexpr (kMode == kGradXY) ew_store(r.gy + i, -g);
   }
 };
 
@@ -64,7 +48,6 @@ double huber_block(int mode, bool full, const EwRun<double>& r, const HuberLoop<
 }
 
 struct Huber {
-  static constexpr bool kBf16InPlace = true;
   double delta;
   bool smooth_l1;
   template <typename S>

@@ -15,50 +15,47 @@
 namespace fusedloss {
 namespace {
 
-// The loop for one run (EwRun, elementwise.h): S the storage type, A = acc_type<S>. No
+// Element i of one run (EwRun, elementwise.h; S the storage type, A = acc_type<S>). No
 // weights: the full loop only differs in reading grad_out per element.
 template <bool kLogTarget>
 struct KlLoop {
-  template <int kMode, bool kFull, typename S>
-  FL_ALWAYS_INLINE acc_type<S> run(const EwRun<S>& r) const {
+  // The loss and both gradients' factors (before grad_out) of element i.
+  template <typename S>
+  FL_ALWAYS_INLINE void terms(const EwRun<S>& r, int64_t i, acc_type<S>& l, acc_type<S>& dx,
+                              acc_type<S>& dy) const {
     using A = acc_type<S>;
     constexpr A kInf = std::numeric_limits<A>::infinity();
     const A kNaN = std::numeric_limits<A>::quiet_NaN();
-    const int64_t n = r.n;
-    const S* x = r.x;
-    const S* y = r.y;
-    const S* go = r.go;
-    S* loss = r.loss;
-    S* gx = r.gx;
-    S* gy = r.gy;
-    const A gs = r.gs;
-    A total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t i = 0; i < n; ++i) {
-      const A xi = ew_load(x[i]), yi = ew_load(y[i]);
-      A l, dx, dy;
-      if constexpr (kLogTarget) {
-        const A e = fast_exp(yi);
-        const bool zero = yi == -kInf;  // exp(y) = 0: the term is 0 (torch: 0 * inf = NaN)
-        l = zero ? A(0) : e * (yi - xi);
-        dx = -e;
-        dy = zero ? A(0) : e * (yi - xi + A(1));
-      } else {
-        // log y for 0 < y < inf (fast_log handles finite y > 0 only); +inf -> +inf, else NaN
-        const A ly = yi > 0 && yi < kInf ? fast_log(yi) : (yi == kInf ? kInf : kNaN);
-        const A ylogy = yi == 0 ? A(0) : yi * ly;  // xlogy(y, y), NaN for y < 0 or NaN
-        const A yx = (yi == 0 && xi == -kInf) ? A(0) : yi * xi;
-        l = ylogy - yx;
-        dx = -yi;
-        dy = yi == 0 ? kNaN : ly + A(1) - xi;  // torch: xlogy's backward is 0/0 at y = 0
-      }
-      const A f = kFull ? gs * ew_load(go[i]) : gs;  // grad_out * scale
-      if constexpr (kMode == kLossSum) total += l;
-      if constexpr (kMode == kLossStore) ew_store(loss + i, l);
-      if constexpr (kMode == kGradX || kMode == kGradXY) ew_store(gx + i, dx * f);
-      if constexpr (kMode == kGradXY) ew_store(gy + i, dy * f);
+    const A xi = ew_load(r.x[i]), yi = ew_load(r.y[i]);
+    if constexpr (kLogTarget) {
+      const A e = fast_exp(yi);
+      const bool zero = yi == -kInf;  // exp(y) = 0: the term is 0 (torch: 0 * inf = NaN)
+      l = zero ? A(0) : e * (yi - xi);
+      dx = -e;
+      dy = zero ? A(0) : e * (yi - xi + A(1));
+    } else {
+      // log y for 0 < y < inf (fast_log handles finite y > 0 only); +inf -> +inf, else NaN
+      const A ly = yi > 0 && yi < kInf ? fast_log(yi) : (yi == kInf ? kInf : kNaN);
+      const A ylogy = yi == 0 ? A(0) : yi * ly;  // xlogy(y, y), NaN for y < 0 or NaN
+      const A yx = (yi == 0 && xi == -kInf) ? A(0) : yi * xi;
+      l = ylogy - yx;
+      dx = -yi;
+      dy = yi == 0 ? kNaN : ly + A(1) - xi;  // torch: xlogy's backward is 0/0 at y = 0
     }
-    return total;
+  }
+  template <bool kFull, typename S>
+  FL_ALWAYS_INLINE acc_type<S> loss(const EwRun<S>& r, int64_t i) const {
+    acc_type<S> l, dx, dy;
+    terms(r, i, l, dx, dy);
+    return l;
+  }
+  template <int kMode, bool kFull, typename S>
+  FL_ALWAYS_INLINE void grad(const EwRun<S>& r, int64_t i) const {
+    acc_type<S> l, dx, dy;
+    terms(r, i, l, dx, dy);
+    const acc_type<S> f = kFull ? r.gs * ew_load(r.go[i]) : r.gs;  // grad_out * scale
+    ew_store(r.gx + i, dx * f);
+    if constexpr (kMode == kGradXY) ew_store(r.gy + i, dy * f);
   }
 };
 
@@ -70,12 +67,15 @@ FL_ALWAYS_INLINE acc_type<S> kl_modes(int mode, bool full, bool log_target, cons
 FL_MULTIVERSION float kl_block(int mode, bool full, bool log_target, const EwRun<float>& r) {
   return kl_modes(mode, full, log_target, r);
 }
+FL_MULTIVERSION float kl_block(int mode, bool full, bool log_target,
+                               const EwRun<c10::BFloat16>& r) {
+  return kl_modes(mode, full, log_target, r);
+}
 double kl_block(int mode, bool full, bool log_target, const EwRun<double>& r) {
   return kl_modes(mode, full, log_target, r);
 }
 
 struct KlDiv {
-  static constexpr bool kBf16InPlace = false;  // exp or log per element: see elementwise.h
   bool log_target;
   template <typename S>
   acc_type<S> operator()(int mode, bool full, const EwRun<S>& r) const {
