@@ -86,6 +86,15 @@ std::tuple<at::Tensor, at::Tensor> bce_bwd(const at::Tensor& grad_out, const at:
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor> bce_fwd_grad(const at::Tensor& input, const at::Tensor& target,
+                                                const c10::optional<at::Tensor>& weight,
+                                                const c10::optional<at::Tensor>& pos_weight,
+                                                int64_t reduction, double go_value) {
+  auto out = elementwise_run("fusedloss::bce_fwd_grad", input, target, weight, pos_weight,
+                             c10::nullopt, reduction, true, true, false, Bce{}, go_value);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
   m.impl("bce_fwd", &bce_fwd);
   m.impl("bce_bwd", &bce_bwd);

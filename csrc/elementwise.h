@@ -112,8 +112,9 @@ inline T pairwise_sum(const T* p, int64_t n) {
 }
 
 // What one call of a loss's loop computes: the loss (summed, or stored per element), or the
-// gradients times scale * grad_out (w.r.t. input only, or input and target).
-enum BlockMode : int { kLossSum = 0, kLossStore = 1, kGradX = 2, kGradXY = 3 };
+// gradients times scale * grad_out (w.r.t. input only, or input and target), or (kLossSumGradX)
+// the summed loss and the input's gradient in one pass (forward under autograd: see *_fwd_grad).
+enum BlockMode : int { kLossSum = 0, kLossStore = 1, kGradX = 2, kGradXY = 3, kLossSumGradX = 4 };
 
 // Element access in the loops: S is the storage type of input, target, grad_out and the outputs
 // (float, BFloat16 or double), widened to / narrowed from the accumulation type in registers.
@@ -167,10 +168,19 @@ FL_ALWAYS_INLINE A lane_sum(int64_t n, F&& f) {
 // One run of a loss's loop in mode kMode: Impl::loss<kFull>(r, i) is element i's loss,
 // Impl::grad<kMode, kFull>(r, i) stores element i's gradients (both forced inline).
 template <int kMode, bool kFull, typename Impl, typename S>
-FL_ALWAYS_INLINE acc_type<S> ew_loop(const Impl& impl, const EwRun<S>& run) {
-  const EwRun<S> r = run;  // a local copy: the stores below cannot alias its pointers
+FL_ALWAYS_INLINE acc_type<S> ew_loop(const Impl& loss_impl, const EwRun<S>& run) {
+  // Local copies: the stores below cannot alias their fields (else gcc reloads them per
+  // element, or leaves the fp32 loss-and-gradient loop scalar)
+  const EwRun<S> r = run;
+  const Impl impl = loss_impl;
   if constexpr (kMode == kLossSum) {
     return lane_sum<acc_type<S>>(r.n, [&](int64_t i) { return impl.template loss<kFull>(r, i); });
+  }
+  if constexpr (kMode == kLossSumGradX) {  // one read of each element for both (and, inlined
+    return lane_sum<acc_type<S>>(r.n, [&](int64_t i) {  // together, one exp for BCE's two)
+      impl.template grad<kGradX, kFull>(r, i);
+      return impl.template loss<kFull>(r, i);
+    });
   }
 #pragma omp simd
   for (int64_t i = 0; i < r.n; ++i) {
@@ -190,6 +200,7 @@ FL_ALWAYS_INLINE acc_type<S> ew_dispatch(const Impl& impl, int mode, bool full,
       case kLossSum: return ew_loop<kLossSum, true>(impl, r);
       case kLossStore: return ew_loop<kLossStore, true>(impl, r);
       case kGradX: return ew_loop<kGradX, true>(impl, r);
+      case kLossSumGradX: return ew_loop<kLossSumGradX, true>(impl, r);
       default: return ew_loop<kGradXY, true>(impl, r);
     }
   }
@@ -197,6 +208,7 @@ FL_ALWAYS_INLINE acc_type<S> ew_dispatch(const Impl& impl, int mode, bool full,
     case kLossSum: return ew_loop<kLossSum, false>(impl, r);
     case kLossStore: return ew_loop<kLossStore, false>(impl, r);
     case kGradX: return ew_loop<kGradX, false>(impl, r);
+    case kLossSumGradX: return ew_loop<kLossSumGradX, false>(impl, r);
     default: return ew_loop<kGradXY, false>(impl, r);
   }
 }
@@ -210,13 +222,15 @@ inline bool all_strides_zero(const View4<T>& v) {
 // storage type float, BFloat16 or double) and returns the sum of the per-element loss for
 // kLossSum. Forward (want_loss): returns the loss, per element in the input dtype or the reduced
 // 0-dim value in the acc dtype. Backward (grad_out given, a 4-d view in the input dtype): returns
-// the gradients asked for, times grad_out and 1/numel for mean. Unrequested outputs are empty.
+// the gradients asked for, times grad_out and 1/numel for mean. Both (want_loss and want_gx,
+// reduced, no grad_out): the reduced loss and the input's gradient for a grad_out of go_value.
+// Unrequested outputs are empty.
 template <typename Block>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_run(
     const char* name, const at::Tensor& x, const at::Tensor& y,
     const c10::optional<at::Tensor>& w, const c10::optional<at::Tensor>& pw,
     const c10::optional<at::Tensor>& go, int64_t reduction, bool want_loss, bool want_gx,
-    bool want_gy, const Block& block) {
+    bool want_gy, const Block& block, double go_value = 1.0) {
   TORCH_CHECK(x.dim() == 4 && y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type(),
               name, ": input and target must be 4-d views of one shape and dtype");
   for (const auto* t : {&w, &pw}) {
@@ -228,14 +242,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_run(
               name, ": grad_out must be a 4-d view of the input's shape and dtype");
   TORCH_CHECK(reduction >= kReduceNone && reduction <= kReduceSum, name,
               ": reduction must be 0 (none), 1 (mean) or 2 (sum)");
+  const bool fused = want_loss && want_gx;
+  TORCH_CHECK(!fused || (reduction != kReduceNone && !want_gy && !go.has_value()), name,
+              ": the loss and its gradient in one pass are for a reduced loss, w.r.t. input only");
   const int64_t numel = x.numel();
   const bool reduce = reduction != kReduceNone;
   const bool grads = want_gx || want_gy;
   at::Tensor loss = !want_loss ? at::empty({0}, x.options())
                     : reduce   ? at::empty({}, x.options().dtype(acc_dtype(x)))
                                : at::empty(x.sizes(), x.options());
-  at::Tensor gx = at::empty(want_gx ? x.sizes() : at::IntArrayRef{0}, x.options());
-  at::Tensor gy = at::empty(want_gy ? x.sizes() : at::IntArrayRef{0}, x.options());
+  // Gradients from the reused-buffer cache (common.h), as cross-entropy's: a fresh 16 MiB buffer
+  // per backward costs page faults or not depending on glibc's heap state.
+  at::Tensor gx = empty_reused(want_gx ? x.sizes() : at::IntArrayRef{0}, x.options());
+  at::Tensor gy = empty_reused(want_gy ? x.sizes() : at::IntArrayRef{0}, x.options());
   if (numel == 0) {
     if (want_loss && reduce) loss.fill_(reduction == kReduceMean ? NAN : 0.0);  // as torch's
     return {loss, gx, gy};
@@ -255,10 +274,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_run(
     // x and y read in place (size 1 along the last dim: any stride is a run of one)
     const bool direct = kInPlace && (xv.stride[3] == 1 || size[3] == 1) &&
                         (yv.stride[3] == 1 || size[3] == 1);
-    const bool go_scalar = grads && all_strides_zero(gov);
+    const bool go_scalar = grads && all_strides_zero(gov);  // (true without grad_out: go_value)
     const bool full = wv.data || pwv.data || (grads && !go_scalar);
     // grad_out * scale in fp32, as one factor: the same product the per-element form takes
-    const acc_t gs = go_scalar ? scale * static_cast<acc_t>(*gov.data) : scale;
+    const acc_t gs =
+        go_scalar ? scale * static_cast<acc_t>(gov.data ? static_cast<double>(*gov.data) : go_value)
+                  : scale;
     // Whole chunks per call where no operand needs a per-run buffer: weights absent or
     // contiguous acc_t, grad_out absent, scalar or contiguous S.
     auto in_place = [](const auto& v) { return !v.data || v.stride[3] == 1; };
@@ -267,7 +288,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_run(
                                 ? kElemChunk : kBlock;
     const int64_t chunks = (numel + kElemChunk - 1) / kElemChunk;
     std::vector<acc_t> partial(want_loss && reduce ? chunks : 0);
-    const int mode = want_loss ? (reduce ? kLossSum : kLossStore) : (want_gy ? kGradXY : kGradX);
+    const int mode = fused       ? kLossSumGradX
+                     : want_loss ? (reduce ? kLossSum : kLossStore)
+                                 : (want_gy ? kGradXY : kGradX);
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       // The full loop's ones (absent weights; grad_out when it is a scalar, folded into gs) and
       // the per-run buffers of the buffered form.
@@ -349,5 +372,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_run(
   });
   return {loss, gx, gy};
 }
+
+// The reduced loss (0-dim, acc dtype; reduction 1 mean or 2 sum) and the input's gradient for
+// a grad_out of go_value, in one pass over 4-d views as the *_fwd ops take (defined beside
+// them). autograd.cpp's CPU path calls these while recording the graph, so that backward has
+// nothing left to read when grad_out is 1.
+std::tuple<at::Tensor, at::Tensor> bce_fwd_grad(const at::Tensor& input, const at::Tensor& target,
+                                                const c10::optional<at::Tensor>& weight,
+                                                const c10::optional<at::Tensor>& pos_weight,
+                                                int64_t reduction, double go_value);
+std::tuple<at::Tensor, at::Tensor> huber_fwd_grad(const at::Tensor& input,
+                                                  const at::Tensor& target,
+                                                  const c10::optional<at::Tensor>& weight,
+                                                  double delta, bool smooth_l1, int64_t reduction,
+                                                  double go_value);
+std::tuple<at::Tensor, at::Tensor> kl_div_fwd_grad(const at::Tensor& input,
+                                                   const at::Tensor& target, bool log_target,
+                                                   int64_t reduction, double go_value);
 
 }  // namespace fusedloss

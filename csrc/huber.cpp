@@ -87,6 +87,18 @@ std::tuple<at::Tensor, at::Tensor> huber_bwd(const at::Tensor& grad_out, const a
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor> huber_fwd_grad(const at::Tensor& input,
+                                                  const at::Tensor& target,
+                                                  const c10::optional<at::Tensor>& weight,
+                                                  double delta, bool smooth_l1, int64_t reduction,
+                                                  double go_value) {
+  check_delta(delta, smooth_l1);
+  auto out = elementwise_run("fusedloss::huber_fwd_grad", input, target, weight, c10::nullopt,
+                             c10::nullopt, reduction, true, true, false, Huber{delta, smooth_l1},
+                             go_value);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
   m.impl("huber_fwd", &huber_fwd);
   m.impl("huber_bwd", &huber_bwd);

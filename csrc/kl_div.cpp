@@ -102,6 +102,15 @@ std::tuple<at::Tensor, at::Tensor> kl_div_bwd(const at::Tensor& grad_out, const 
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor> kl_div_fwd_grad(const at::Tensor& input,
+                                                   const at::Tensor& target, bool log_target,
+                                                   int64_t reduction, double go_value) {
+  auto out = elementwise_run("fusedloss::kl_div_fwd_grad", input, target, c10::nullopt,
+                             c10::nullopt, c10::nullopt, reduction, true, true, false,
+                             KlDiv{log_target}, go_value);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
   m.impl("kl_div_fwd", &kl_div_fwd);
   m.impl("kl_div_bwd", &kl_div_bwd);

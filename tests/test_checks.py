@@ -241,3 +241,86 @@ def test_cuda_bad_target_device_assert(loss, value):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                          timeout=300)
     assert "RAISED True" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- one-pass loss and gradient (CPU)
+
+# A reduced element-wise loss whose input needs a gradient computes that gradient in its forward
+# on the CPU (csrc/autograd.cpp ew_forward_grad); backward hands it over when grad_output is 1
+# and recomputes otherwise. Each case: (fusedloss call, torch's float64 reference).
+ONE_PASS = {
+    "bce_pos_weight": (
+        lambda x, y: F.binary_cross_entropy_with_logits(x, y.sigmoid(), pos_weight=y.detach()[0].abs()),
+        lambda x, y: TF.binary_cross_entropy_with_logits(x, y.sigmoid(), pos_weight=y.detach()[0].abs())),
+    "huber": (lambda x, y: F.huber_loss(x, y, delta=0.5, reduction="sum"),
+              lambda x, y: TF.huber_loss(x, y, delta=0.5, reduction="sum")),
+    "smooth_l1": (lambda x, y: F.smooth_l1_loss(x, y, beta=0.5),
+                  lambda x, y: TF.smooth_l1_loss(x, y, beta=0.5)),
+    "kl_batchmean": (lambda x, y: F.kl_div(x, y.softmax(-1), reduction="batchmean"),
+                     lambda x, y: TF.kl_div(x, y.softmax(-1), reduction="batchmean")),
+}
+
+
+def _one_pass_inputs(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(37, 129, generator=g, dtype=torch.float64) * 2)  # 2 chunks, a lane tail
+    y = torch.randn(37, 129, generator=g, dtype=torch.float64)
+    return x.to(dtype).requires_grad_(), y.to(dtype)
+
+
+def _ops_called(fn):
+    with torch.autograd.profiler.profile() as prof:
+        fn()
+    return {e.name for e in prof.function_events}
+
+
+@pytest.mark.parametrize("case", list(ONE_PASS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_one_pass_gradient(monkeypatch, case, dtype):
+    """The gradient handed over from forward equals the float64 reference, no backward kernel
+    runs for it, and a second backward (retain_graph) recomputes the same values."""
+    monkeypatch.setattr(_backend, "_ENV", "cpp")
+    ours, ref = ONE_PASS[case]
+    x, y = _one_pass_inputs(dtype)
+    loss = ours(x, y)
+    called = _ops_called(lambda: loss.backward(retain_graph=True))
+    assert not any(n.startswith("fusedloss::") and n.endswith("_bwd") for n in called), called
+    g1 = x.grad.clone()
+    xd = x.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(ref(xd, y.double()), xd)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(g1.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    x.grad = None
+    called = _ops_called(lambda: loss.backward())
+    assert any(n.endswith("_bwd") for n in called), called  # recomputed from input and target
+    if case == "kl_batchmean" and dtype == torch.bfloat16:
+        # the recompute path takes grad_output / batch rounded to bf16; forward's factor is fp32
+        torch.testing.assert_close(x.grad, g1, rtol=2 ** -7, atol=0)
+    else:
+        assert torch.equal(x.grad, g1)
+
+
+@pytest.mark.parametrize("case", list(ONE_PASS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_grad_output_not_one_recomputes(monkeypatch, case, dtype):
+    """A grad_output other than 1 (a loss scale) takes the recompute path, which applies it
+    before the one rounding: the same gradient as a graph that never took the one-pass path
+    (the target needing a gradient too)."""
+    monkeypatch.setattr(_backend, "_ENV", "cpp")
+    ours, _ = ONE_PASS[case]
+    x, y = _one_pass_inputs(dtype)
+    scale = torch.tensor(1024.0 / 3.0, dtype=dtype)
+    (g,) = torch.autograd.grad(ours(x, y), x, grad_outputs=scale)
+    (want, _) = torch.autograd.grad(ours(x, y.requires_grad_()), (x, y), grad_outputs=scale)
+    assert torch.equal(g, want)
+
+
+def test_one_pass_input_modified_in_place_raises(monkeypatch):
+    monkeypatch.setattr(_backend, "_ENV", "cpp")
+    x, y = _one_pass_inputs(torch.float32)
+    x = x.detach().clone().requires_grad_()
+    xi = x * 1  # a non-leaf that can be modified in place
+    loss = F.huber_loss(xi, y)
+    xi.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
