@@ -3,10 +3,11 @@
 // Every operand is a strided view of one [D0, D1, D2, D3] index space: the Python layer
 // broadcasts with expand (stride 0, no copy) and merges dims that every operand can merge
 // (fusedloss/_elementwise.py), so broadcast weights and non-contiguous inputs are read in place.
-// Outputs (per-element loss, gradients) are contiguous over that space. Forward writes the loss
-// only; backward re-reads the inputs and writes the gradients with grad_out folded in (the same
-// memory traffic as saving a gradient in forward, no buffer held between the two, and any number
-// of backward calls).
+// Outputs (per-element loss, gradients) are contiguous over that space. The forward ops write
+// the loss only and the backward ops re-read the inputs and write the gradients with grad_out
+// folded in (no buffer held between the two, any number of backward calls). Under autograd on the
+// CPU a reduced loss takes a third form (*_fwd_grad, kLossSumGradX): the loss and the input's
+// gradient in one pass, so that backward, when grad_out is 1, reads nothing (autograd.cpp).
 //
 // The common case is one loop per element as Inductor writes it: where input and target are
 // contiguous along the last dim and in fp32, bf16 or fp64, the loss's loop reads them in place,
