@@ -40,10 +40,15 @@ constexpr int64_t kBlock = 1024;
 
 // exp(x) in fp32 that gcc vectorises (std::exp is not, without -ffast-math). Cephes' expf:
 // x = n*ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r, 2^n built in the exponent bits.
-// About 1 ulp; exp(x) for x < -87.3 flushes to 0 (below FLT_MIN); NaN propagates.
+// About 1 ulp; exp(x) for x < -87.3 flushes to 0 (below FLT_MIN); NaN propagates (through p).
+// n is rounded by adding 1.5 * 2^23 (t then holds n in its low mantissa bits, which shift
+// straight into 2^n's exponent): 18 vector operations instead of 24 with a round, a conversion
+// and a NaN select, and exp is most of cross-entropy's forward on the CPU.
 static inline float fast_exp(float x) {
-  const float xc = std::min(std::max(x, -87.33f), 88.37f);
-  const float n = std::nearbyint(xc * 1.44269504088896341f);
+  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23
+  const float xc = std::min(x, 88.37f);  // (NaN stays NaN: x is the second operand's value)
+  const float t = xc * 1.44269504088896341f + kShift;
+  const float n = t - kShift;  // round(x / ln2), exact in [-126, 127] for the kept x
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -53,12 +58,12 @@ static inline float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  uint32_t bits;
+  std::memcpy(&bits, &t, sizeof(float));
+  bits = (bits << 23) + 0x3f800000u;  // (0x400000 + n) << 23 wraps to n << 23: 2^n
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(float));
-  float y = p * two_n;
-  y = (x < -87.33f) ? 0.0f : y;
-  return (x != x) ? x : y;
+  return (x < -87.33f) ? 0.0f : p * two_n;  // -inf and below FLT_MIN: 0
 }
 // float64 inputs (gradcheck) keep float64 math.
 static inline double fast_exp(double x) { return std::exp(x); }
