@@ -30,6 +30,19 @@ inline T sum_exp_impl(const T* x, int64_t n, T shift) {
 }
 
 template <typename T>
+inline T sum_exp_max_impl(const T* x, int64_t n, T shift, T* mx) {
+  T s = 0;
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(+ : s) reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) {
+    s += fast_exp(x[i] - shift);
+    m = x[i] > m ? x[i] : m;
+  }
+  *mx = m;
+  return s;
+}
+
+template <typename T>
 inline T dot_impl(const T* x, const T* w, int64_t n) {
   T s = 0;
   if (w == nullptr) {
@@ -44,6 +57,9 @@ inline T dot_impl(const T* x, const T* w, int64_t n) {
 
 FL_MULTIVERSION float max_f(const float* x, int64_t n) { return max_impl(x, n); }
 FL_MULTIVERSION float sum_exp_f(const float* x, int64_t n, float s) { return sum_exp_impl(x, n, s); }
+FL_MULTIVERSION float sum_exp_max_f(const float* x, int64_t n, float s, float* mx) {
+  return sum_exp_max_impl(x, n, s, mx);
+}
 FL_MULTIVERSION float dot_f(const float* x, const float* w, int64_t n) { return dot_impl(x, w, n); }
 
 template <typename T>
@@ -170,6 +186,12 @@ template <> float block_max(const float* x, int64_t n) { return max_f(x, n); }
 template <> double block_max(const double* x, int64_t n) { return max_impl(x, n); }
 template <> float block_sum_exp(const float* x, int64_t n, float s) { return sum_exp_f(x, n, s); }
 template <> double block_sum_exp(const double* x, int64_t n, double s) { return sum_exp_impl(x, n, s); }
+template <> float block_sum_exp_max(const float* x, int64_t n, float s, float* mx) {
+  return sum_exp_max_f(x, n, s, mx);
+}
+template <> double block_sum_exp_max(const double* x, int64_t n, double s, double* mx) {
+  return sum_exp_max_impl(x, n, s, mx);
+}
 template <> float block_dot(const float* x, const float* w, int64_t n) { return dot_f(x, w, n); }
 template <> double block_dot(const double* x, const double* w, int64_t n) { return dot_impl(x, w, n); }
 

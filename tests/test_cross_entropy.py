@@ -55,6 +55,22 @@ def randn(*shape, dtype=torch.float32, device="cpu", scale=3.0):
     return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_maxima_far_from_the_target(backend, dtype):
+    """Rows whose later blocks (the C++ kernels sum exp in blocks of 1024 classes against the
+    max so far) jump far above the target's logit, or climb block by block: the sums are
+    rescaled or redone, never overflow."""
+    C = 3000
+    x = randn(4, C, dtype=torch.float64)
+    x[0, 5] = -100.0                 # target 100 below the rest
+    x[1, 2500] = 150.0               # a later block 150 above the target (exp(150) overflows)
+    x[2] = torch.linspace(-60, 60, C, dtype=torch.float64)  # the max grows in every block
+    x[3, 1024:] -= 80.0              # later blocks far below
+    t = torch.tensor([5, 0, 0, 3])
+    for reduction in ("none", "mean"):
+        check(x.to(dtype).to(backend.device), t.to(backend.device), reduction=reduction)
+
+
 @pytest.mark.parametrize("V", [2, 7, 1000, 32000, 50257])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_vocab_sizes(backend, V, dtype):
