@@ -152,6 +152,47 @@ double block_softmax_grad(const double* x, const double* w, int64_t n, double ls
 }
 
 FL_MULTIVERSION void to_acc(const c10::BFloat16* s, int64_t n, float* d) { to_acc_impl(s, n, d); }
+
+// The sums of exp over bf16 rows read in place, widened in registers (no fp32 copy of the row):
+// in kLanes accumulators rather than omp simd reductions, which gcc sizes for the baseline target
+// before cloning (8 fp32 lanes for a loop that reads bf16; see elementwise.h lane_sum).
+namespace {
+constexpr int kLanes = 32;
+template <bool kMax>
+__attribute__((always_inline)) inline float bf16_sum_exp(const c10::BFloat16* x, int64_t n, float shift, float* mx) {
+  float s[kLanes] = {};
+  float m[kLanes];
+  std::fill_n(m, kLanes, -std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      const float v = bf16_to_float(x[i + j]);
+      s[j] += fast_exp(v - shift);
+      if constexpr (kMax) m[j] = v > m[j] ? v : m[j];
+    }
+  }
+  float st = 0, mt = -std::numeric_limits<float>::infinity();
+  for (; i < n; ++i) {
+    const float v = bf16_to_float(x[i]);
+    st += fast_exp(v - shift);
+    mt = v > mt ? v : mt;
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    st += s[j];
+    mt = m[j] > mt ? m[j] : mt;
+  }
+  if constexpr (kMax) *mx = mt;
+  return st;
+}
+}  // namespace
+
+FL_MULTIVERSION float block_sum_exp_max(const c10::BFloat16* x, int64_t n, float shift, float* mx) {
+  return bf16_sum_exp<true>(x, n, shift, mx);
+}
+FL_MULTIVERSION float block_sum_exp(const c10::BFloat16* x, int64_t n, float shift) {
+  return bf16_sum_exp<false>(x, n, shift, nullptr);
+}
 FL_MULTIVERSION void to_acc(const c10::Half* s, int64_t n, float* d) { to_acc_impl(s, n, d); }
 FL_MULTIVERSION void from_acc(const float* s, int64_t n, c10::BFloat16* d) { from_acc_impl(s, n, d); }
 FL_MULTIVERSION void from_acc(const float* s, int64_t n, c10::Half* d) { from_acc_impl(s, n, d); }

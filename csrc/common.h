@@ -176,6 +176,9 @@ template <typename T> T block_max(const T* x, int64_t n);
 template <typename T> T block_sum_exp(const T* x, int64_t n, T shift);
 // sum_i exp(x[i] - shift) and (into *mx) max_i x[i], in one pass
 template <typename T> T block_sum_exp_max(const T* x, int64_t n, T shift, T* mx);
+// The same two over bf16 values read in place (fp32 sums)
+float block_sum_exp_max(const c10::BFloat16* x, int64_t n, float shift, float* mx);
+float block_sum_exp(const c10::BFloat16* x, int64_t n, float shift);
 // sum_i x[i] * w[i] (w == nullptr: plain sum)
 template <typename T> T block_dot(const T* x, const T* w, int64_t n);
 
@@ -188,7 +191,8 @@ template <typename T>
 struct OnlineLSE {
   T m = -std::numeric_limits<T>::infinity();
   T s = 0;
-  void add(const T* x, int64_t n) {
+  template <typename X>  // T, or bf16 for T = float
+  void add(const X* x, int64_t n) {
     T bm;
     const T bs = block_sum_exp_max(x, n, m, &bm);
     if (!(bm > m)) {  // (also all -inf, NaN left to the sum, as exp-of-NaN gives)

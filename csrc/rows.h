@@ -85,16 +85,20 @@ RowStats<acc_t> row_stats(const scalar_t* xr, int64_t sC, int64_t C, int64_t y, 
   const acc_t x_y = static_cast<acc_t>(xr[y * sC]);
   OnlineLSE<acc_t> acc;  // over j != y, seeded with m = x_y so that e_y <= 1
   acc.m = x_y;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (sC == 1) {  // read in place (no copy into buf): the classes before and after y
+  // fp32 and bf16 rows (bf16 without label smoothing's dot) are read in place, no copy into buf
+  constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  if constexpr (std::is_same_v<scalar_t, acc_t> || kBf16) {
+    if (sC == 1 && !(kBf16 && swx)) {  // the classes before and after y
       for (const auto& [lo, hi] : {std::pair<int64_t, int64_t>{0, y}, {y + 1, C}}) {
         for (int64_t c0 = lo; c0 < hi; c0 += kBlock) acc.add(xr + c0, std::min(kBlock, hi - c0));
       }
-      if (swx) {
-        acc_t dot = 0;
-        for (int64_t c0 = 0; c0 < C; c0 += kBlock)
-          dot += block_dot<acc_t>(xr + c0, w ? w + c0 : nullptr, std::min(kBlock, C - c0));
-        *swx = dot;
+      if constexpr (!kBf16) {
+        if (swx) {
+          acc_t dot = 0;
+          for (int64_t c0 = 0; c0 < C; c0 += kBlock)
+            dot += block_dot<acc_t>(xr + c0, w ? w + c0 : nullptr, std::min(kBlock, C - c0));
+          *swx = dot;
+        }
       }
       return row_finish(acc.m, acc.s, x_y);
     }
