@@ -152,24 +152,23 @@ double block_softmax_grad(const double* x, const double* w, int64_t n, double ls
 }
 
 FL_MULTIVERSION void to_acc(const c10::BFloat16* s, int64_t n, float* d) { to_acc_impl(s, n, d); }
+FL_MULTIVERSION void to_acc(const c10::Half* s, int64_t n, float* d) { to_acc_impl(s, n, d); }
+FL_MULTIVERSION void from_acc(const float* s, int64_t n, c10::BFloat16* d) { from_acc_impl(s, n, d); }
+FL_MULTIVERSION void from_acc(const float* s, int64_t n, c10::Half* d) { from_acc_impl(s, n, d); }
 
-// The sums of exp over bf16 rows read in place, widened in registers (no fp32 copy of the row):
-// in kLanes accumulators rather than omp simd reductions, which gcc sizes for the baseline target
-// before cloning (8 fp32 lanes for a loop that reads bf16; see elementwise.h lane_sum).
-namespace {
-constexpr int kLanes = 32;
-template <bool kMax>
-__attribute__((always_inline)) inline float bf16_sum_exp(const c10::BFloat16* x, int64_t n, float shift, float* mx) {
-  float s[kLanes] = {};
-  float m[kLanes];
-  std::fill_n(m, kLanes, -std::numeric_limits<float>::infinity());
+// The sums of exp over bf16 rows read in place, widened in registers (no fp32 copy of the row),
+// in lane arrays as lane_sum (common.h) and for the same reason.
+FL_MULTIVERSION float block_sum_exp_max(const c10::BFloat16* x, int64_t n, float shift, float* mx) {
+  float s[kSumLanes] = {};
+  float m[kSumLanes];
+  std::fill_n(m, kSumLanes, -std::numeric_limits<float>::infinity());
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
+  for (; i + kSumLanes <= n; i += kSumLanes) {
 #pragma omp simd
-    for (int j = 0; j < kLanes; ++j) {
+    for (int j = 0; j < kSumLanes; ++j) {
       const float v = bf16_to_float(x[i + j]);
       s[j] += fast_exp(v - shift);
-      if constexpr (kMax) m[j] = v > m[j] ? v : m[j];
+      m[j] = v > m[j] ? v : m[j];
     }
   }
   float st = 0, mt = -std::numeric_limits<float>::infinity();
@@ -178,24 +177,13 @@ __attribute__((always_inline)) inline float bf16_sum_exp(const c10::BFloat16* x,
     st += fast_exp(v - shift);
     mt = v > mt ? v : mt;
   }
-  for (int j = 0; j < kLanes; ++j) {
-    st += s[j];
-    mt = m[j] > mt ? m[j] : mt;
-  }
-  if constexpr (kMax) *mx = mt;
-  return st;
-}
-}  // namespace
-
-FL_MULTIVERSION float block_sum_exp_max(const c10::BFloat16* x, int64_t n, float shift, float* mx) {
-  return bf16_sum_exp<true>(x, n, shift, mx);
+  for (int j = 0; j < kSumLanes; ++j) mt = m[j] > mt ? m[j] : mt;
+  *mx = mt;
+  return pairwise_sum(s, kSumLanes) + st;
 }
 FL_MULTIVERSION float block_sum_exp(const c10::BFloat16* x, int64_t n, float shift) {
-  return bf16_sum_exp<false>(x, n, shift, nullptr);
+  return lane_sum<float>(n, [&](int64_t i) { return fast_exp(bf16_to_float(x[i]) - shift); });
 }
-FL_MULTIVERSION void to_acc(const c10::Half* s, int64_t n, float* d) { to_acc_impl(s, n, d); }
-FL_MULTIVERSION void from_acc(const float* s, int64_t n, c10::BFloat16* d) { from_acc_impl(s, n, d); }
-FL_MULTIVERSION void from_acc(const float* s, int64_t n, c10::Half* d) { from_acc_impl(s, n, d); }
 
 FL_MULTIVERSION void tile_max(const float* x, int64_t n, float* m) { tile_max_impl(x, n, m); }
 void tile_max(const double* x, int64_t n, double* m) { tile_max_impl(x, n, m); }

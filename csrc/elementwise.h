@@ -17,7 +17,7 @@
 // one register. Other layouts (strided or broadcast runs, fp16) go through L1-sized fp32
 // buffers into the fp32 loop. The mixed bf16/fp32 loops run at full AVX-512 width because the
 // clone targets x86-64-v4 (AVX512BW: 16-bit lanes in zmm) and the sums avoid omp reductions
-// (lane_sum below); before both, gcc compiled them at 256 bits and bf16 BCE and KL were faster
+// (lane_sum, common.h); before both, gcc compiled them at 256 bits and bf16 BCE and KL were faster
 // through the buffers.
 //
 // The index space is cut into fixed chunks of kElemChunk elements, one fp32 partial sum each,
@@ -34,15 +34,6 @@
 namespace fusedloss {
 
 constexpr int64_t kElemChunk = 4 * kBlock;
-
-// The per-block math is forced inline into each FL_MULTIVERSION clone so that it is compiled for
-// that clone's ISA; left as a call it stays baseline x86-64, where std::nearbyint (fast_exp) is a
-// libcall and the loop does not vectorise. (setup.py also sets -fno-trapping-math, for the selects.)
-#if defined(__GNUC__)
-#define FL_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define FL_ALWAYS_INLINE inline
-#endif
 
 // Reduction codes, as torch's at::Reduction.
 enum ElemReduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
@@ -101,17 +92,6 @@ inline void for_each_run(at::IntArrayRef size, int64_t begin, int64_t end, int64
   }
 }
 
-template <typename T>
-inline T pairwise_sum(const T* p, int64_t n) {
-  if (n <= 8) {
-    T s = 0;
-    for (int64_t i = 0; i < n; ++i) s += p[i];
-    return s;
-  }
-  const int64_t h = n / 2;
-  return pairwise_sum(p, h) + pairwise_sum(p + h, n - h);
-}
-
 // What one call of a loss's loop computes: the loss (summed, or stored per element), or the
 // gradients times scale * grad_out (w.r.t. input only, or input and target), or (kLossSumGradX)
 // the summed loss and the input's gradient in one pass (forward under autograd: see *_fwd_grad).
@@ -146,26 +126,6 @@ struct EwRun {
   S* gx = nullptr;
   S* gy = nullptr;
 };
-
-// Sum of f(i) over [0, n) in kSumLanes accumulators, added pairwise at the end. Not
-// `omp simd reduction`: gcc sizes such a loop's reduction lanes for the baseline target before
-// target_clones makes the AVX-512 copy (16 lanes of the narrowest type), so a loop reading bf16
-// ran at 8 fp32 lanes (ymm) there (a bf16 Huber sum alone, in L1, one thread: 0.186 ns per
-// element vs 0.145 with a 32-lane array). An inner loop over a lane array has no such limit:
-// each clone picks its own width.
-constexpr int kSumLanes = 32;
-template <typename A, typename F>
-FL_ALWAYS_INLINE A lane_sum(int64_t n, F&& f) {
-  A acc[kSumLanes] = {};
-  int64_t i = 0;
-  for (; i + kSumLanes <= n; i += kSumLanes) {
-#pragma omp simd
-    for (int j = 0; j < kSumLanes; ++j) acc[j] += f(i + j);
-  }
-  A tail = 0;
-  for (; i < n; ++i) tail += f(i);
-  return pairwise_sum(acc, kSumLanes) + tail;
-}
 
 // One run of a loss's loop in mode kMode: Impl::loss<kFull>(r, i) is element i's loss,
 // Impl::grad<kMode, kFull>(r, i) stores element i's gradients (both forced inline).
