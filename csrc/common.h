@@ -32,8 +32,12 @@ constexpr int64_t kBlock = 1024;
 // flatten: everything a clone calls (fast_exp, fast_log, the per-block templates) is inlined into
 // it, so compiled for its ISA and vectorised with it; left to gcc's inliner, such calls stay out
 // of line (baseline x86-64, a scalar loop) once a file has many instantiations.
+#ifdef FL_MAX_ISA_AVX2  // FUSEDLOSS_MAX_ISA=avx2 (fusedloss/_extension.py): the AVX2 code, timed
+#define FL_MULTIVERSION __attribute__((flatten, target_clones("arch=x86-64-v3", "default")))
+#else
 #define FL_MULTIVERSION \
   __attribute__((flatten, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 #else
 #define FL_MULTIVERSION
 #endif

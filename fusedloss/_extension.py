@@ -33,7 +33,10 @@ from pathlib import Path
 # 2.13); a different one after it draws warnings from those headers. No -march: csrc/common.h
 # compiles the hot loops for several ISAs (target_clones) and picks one at run time, so one build
 # runs on any x86-64.
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
+# FUSEDLOSS_MAX_ISA=avx2 (set when building and when importing) leaves the AVX-512 clones out, so
+# that the AVX2 code can be timed on an AVX-512 machine; a development option, not for wheels.
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"] + (
+    ["-DFL_MAX_ISA_AVX2"] if os.environ.get("FUSEDLOSS_MAX_ISA", "").lower() == "avx2" else [])
 LD_FLAGS = ["-fopenmp"]
 STAMP = "_C.build.json"  # beside the library: {"torch": version, "sources": hash, "python": tag}
 JIT_NAME = "fusedloss_C"
