@@ -25,7 +25,7 @@ template <typename T>
 inline T sum_exp_impl(const T* x, int64_t n, T shift) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += fast_exp(x[i] - shift);
+  for (int64_t i = 0; i < n; ++i) s += fast_exp_le88(x[i] - shift);
   return s;
 }
 
@@ -35,7 +35,7 @@ inline T sum_exp_max_impl(const T* x, int64_t n, T shift, T* mx) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(+ : s) reduction(max : m)
   for (int64_t i = 0; i < n; ++i) {
-    s += fast_exp(x[i] - shift);
+    s += fast_exp_le88(x[i] - shift);
     m = x[i] > m ? x[i] : m;
   }
   *mx = m;
@@ -68,14 +68,14 @@ inline T softmax_grad_impl(const T* x, const T* w, int64_t n, T lse, T a, T k, T
   if (w == nullptr) {
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < n; ++i) {
-      const T p = fast_exp(x[i] - lse);
+      const T p = fast_exp_le88(x[i] - lse);
       sum += p;
       g[i] = scale * (p * a - k);
     }
   } else {
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < n; ++i) {
-      const T p = fast_exp(x[i] - lse);
+      const T p = fast_exp_le88(x[i] - lse);
       sum += p;
       g[i] = scale * (p * a - k * w[i]);
     }
@@ -95,7 +95,7 @@ inline void tile_max_impl(const T* x, int64_t n, T* m) {
 template <typename T>
 inline void tile_sum_exp_impl(const T* x, int64_t n, const T* m, const T* tv, T c, T* s) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) s[i] += tv[i] == c ? T(0) : fast_exp(x[i] - m[i]);
+  for (int64_t i = 0; i < n; ++i) s[i] += tv[i] == c ? T(0) : fast_exp_le88(x[i] - m[i]);
 }
 template <typename T>
 inline void tile_softmax_grad_impl(const T* x, int64_t n, const T* lse, const T* a, const T* b,
@@ -103,14 +103,14 @@ inline void tile_softmax_grad_impl(const T* x, int64_t n, const T* lse, const T*
   if (b == nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const T p = fast_exp(x[i] - lse[i]);
+      const T p = fast_exp_le88(x[i] - lse[i]);
       q[i] += tv[i] == c ? T(0) : p;
       g[i] = a[i] * p;
     }
   } else {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const T p = fast_exp(x[i] - lse[i]);
+      const T p = fast_exp_le88(x[i] - lse[i]);
       q[i] += tv[i] == c ? T(0) : p;
       g[i] = a[i] * p - b[i] * wc;
     }
@@ -167,14 +167,14 @@ FL_MULTIVERSION float block_sum_exp_max(const c10::BFloat16* x, int64_t n, float
 #pragma omp simd
     for (int j = 0; j < kSumLanes; ++j) {
       const float v = bf16_to_float(x[i + j]);
-      s[j] += fast_exp(v - shift);
+      s[j] += fast_exp_le88(v - shift);
       m[j] = v > m[j] ? v : m[j];
     }
   }
   float st = 0, mt = -std::numeric_limits<float>::infinity();
   for (; i < n; ++i) {
     const float v = bf16_to_float(x[i]);
-    st += fast_exp(v - shift);
+    st += fast_exp_le88(v - shift);
     mt = v > mt ? v : mt;
   }
   for (int j = 0; j < kSumLanes; ++j) mt = m[j] > mt ? m[j] : mt;
@@ -182,7 +182,9 @@ FL_MULTIVERSION float block_sum_exp_max(const c10::BFloat16* x, int64_t n, float
   return pairwise_sum(s, kSumLanes) + st;
 }
 FL_MULTIVERSION float block_sum_exp(const c10::BFloat16* x, int64_t n, float shift) {
-  return lane_sum<float>(n, [&](int64_t i) { return fast_exp(bf16_to_float(x[i]) - shift); });
+  return lane_sum<float>(n, [&](int64_t i) {
+    return fast_exp_le88(bf16_to_float(x[i]) - shift);
+  });
 }
 
 FL_MULTIVERSION void tile_max(const float* x, int64_t n, float* m) { tile_max_impl(x, n, m); }

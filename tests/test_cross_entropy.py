@@ -88,6 +88,31 @@ def test_cpu_forward_rows_fp32_exact(V, dtype):
                                atol=1e-6)
 
 
+def test_cpu_softmax_exp_ulps():
+    """The C++ exp, seen through the backward op (with grad_scale 1 and no smoothing, the
+    gradient of a non-target class is exp(x - lse) as the kernel computes it), element by element
+    against float64 exp of the same fp32 differences over all of [-87.3, 0] (fp32's normal
+    range), within 2 ulp; -inf logits give exactly 0, NaN stays NaN. The loss and lse tests
+    above would pass an exp a dozen ulp off: their rows average the errors away."""
+    torch.manual_seed(0)
+    n, V = 4, 30000
+    d = torch.empty(n, V).uniform_(-87.3, 0.0)
+    d[:, 1:200] = torch.empty(n, 199).uniform_(-1.0, 0.0)  # the polynomial's own range, densely
+    lse = torch.randn(n) * 20
+    x = (d + lse[:, None]).contiguous()
+    x[0, 5], x[1, 7] = float("-inf"), float("nan")
+    t = torch.zeros(n, dtype=torch.long)
+    g = torch.ops.fusedloss.cross_entropy_bwd(torch.ones(()), x.unsqueeze(2), t, lse, None, -100,
+                                              0.0, 0.0).squeeze(2)
+    want = torch.exp((x - lse[:, None]).double())  # the same fp32 difference, exp in float64
+    assert g[0, 5] == 0 and g[1, 7].isnan()
+    keep = torch.ones(n, V, dtype=torch.bool)
+    keep[:, 0] = False  # the target's p - 1
+    keep[0, 5] = keep[1, 7] = False
+    err = ((g.double() - want) / want)[keep].abs().max().item()
+    assert err <= 2.0 * 2.0**-23, f"exp off by {err / 2.0**-23:.2f} ulp (relative to 2^-23)"
+
+
 @pytest.mark.parametrize("V", [2, 7, 1000, 32000, 50257])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_vocab_sizes(backend, V, dtype):
