@@ -187,6 +187,27 @@ FL_MULTIVERSION float block_sum_exp(const c10::BFloat16* x, int64_t n, float shi
   });
 }
 
+// The softmax gradient of bf16 rows read and written in place, fp32 math as in
+// block_softmax_grad's float version and the same rounding to bf16 as from_acc; the sum of p in
+// lane arrays as lane_sum. (x == g is allowed: each element is read before it is written.)
+FL_MULTIVERSION float block_softmax_grad(const c10::BFloat16* x, const float* w, int64_t n,
+                                         float lse, float a, float k, float scale,
+                                         c10::BFloat16* g) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(g);
+  if (w == nullptr) {
+    return lane_sum<float>(n, [&](int64_t i) {
+      const float p = fast_exp_le88(bf16_to_float(x[i]) - lse);
+      out[i] = float_to_bf16_bits(scale * (p * a - k));
+      return p;
+    });
+  }
+  return lane_sum<float>(n, [&](int64_t i) {
+    const float p = fast_exp_le88(bf16_to_float(x[i]) - lse);
+    out[i] = float_to_bf16_bits(scale * (p * a - k * w[i]));
+    return p;
+  });
+}
+
 FL_MULTIVERSION void tile_max(const float* x, int64_t n, float* m) { tile_max_impl(x, n, m); }
 void tile_max(const double* x, int64_t n, double* m) { tile_max_impl(x, n, m); }
 FL_MULTIVERSION void tile_sum_exp(const float* x, int64_t n, const float* m, const float* tv,

@@ -121,6 +121,9 @@ float block_softmax_grad(const float* x, const float* w, int64_t n, float lse, f
                          float scale, float* g);
 double block_softmax_grad(const double* x, const double* w, int64_t n, double lse, double a,
                           double k, double scale, double* g);
+// bf16 rows read and written in place (fp32 math; x == g allowed).
+float block_softmax_grad(const c10::BFloat16* x, const float* w, int64_t n, float lse, float a,
+                         float k, float scale, c10::BFloat16* g);
 
 // The gradient sweep of a row with valid target y: writes scale * (a p_j - k w_j) through gr (C
 // values gC apart; gr may be xr itself: each element is read before it is overwritten) for every
@@ -130,8 +133,9 @@ template <typename scalar_t, typename acc_t>
 acc_t row_grad(const scalar_t* xr, int64_t sC, int64_t C, int64_t y, acc_t lse, acc_t a, acc_t k,
                const acc_t* w, acc_t scale, scalar_t* gr, int64_t gC, acc_t* buf, acc_t* gbuf) {
   acc_t q = 0;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (sC == 1 && gC == 1) {  // in place, no copies: the classes before and after y
+  // fp32 and bf16 rows read and written in place, no copies
+  if constexpr (std::is_same_v<scalar_t, acc_t> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (sC == 1 && gC == 1) {  // the classes before and after y
       for (const auto& [lo, hi] : {std::pair<int64_t, int64_t>{0, y}, {y + 1, C}}) {
         for (int64_t c0 = lo; c0 < hi; c0 += kBlock) {
           q += block_softmax_grad(xr + c0, w ? w + c0 : nullptr, std::min(kBlock, hi - c0), lse,

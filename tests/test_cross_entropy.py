@@ -88,6 +88,28 @@ def test_cpu_forward_rows_fp32_exact(V, dtype):
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("V", [33, 1000, 3001])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_cpu_bf16_backward_rows_match_fp32(V, smooth):
+    """bf16 rows' gradient (read and written in place, in blocks, the target skipped) is the fp32
+    path's gradient of the same values rounded to bf16, bit for bit: same lse, weights and
+    label smoothing given to both backward ops."""
+    torch.manual_seed(0)
+    n = 6
+    x = randn(n, V, dtype=torch.bfloat16)
+    t = torch.randint(0, V, (n,))
+    t[0], t[1] = 0, V - 1  # the target first and last in its row
+    w = torch.rand(V) + 0.5 if smooth else None
+    ls = 0.1 if smooth else 0.0
+    lse = torch.logsumexp(x.float(), 1)
+    scale = torch.rand(n) + 0.5  # one per row, as reduction="none" gives
+    args = (t, lse, w, -100, ls, 0.0)
+    g16 = torch.ops.fusedloss.cross_entropy_bwd(scale, x.unsqueeze(2), *args)
+    g32 = torch.ops.fusedloss.cross_entropy_bwd(scale, x.float().unsqueeze(2), *args)
+    assert g16.dtype == torch.bfloat16
+    torch.testing.assert_close(g16, g32.to(torch.bfloat16), rtol=0, atol=0)
+
+
 def test_cpu_softmax_exp_ulps():
     """The C++ exp, seen through the backward op (with grad_scale 1 and no smoothing, the
     gradient of a non-target class is exp(x - lse) as the kernel computes it), element by element
