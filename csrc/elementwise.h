@@ -69,6 +69,33 @@ inline const acc_t* read_run(const View4<T>& v, const int64_t* idx, int64_t n, a
   return buf;
 }
 
+// Merges adjacent dims of the common 4-d shape through which every operand steps as through one
+// (stride[d - 1] == stride[d] * size[d], or either size 1), so that the runs along the last dim
+// are as long as the data allows: a (C, 1, 1) pos_weight over NCHW inputs gives runs of H * W
+// instead of W (16x64x64x64: runs of 64 paid a call, a buffer fill and a lane total each).
+// Merging keeps the row-major order, so flat indices (the outputs') are unchanged.
+template <typename... V>
+inline void coalesce_dims(int64_t* size, V&... views) {
+  for (int d = 3; d > 0;) {
+    const int64_t a = size[d - 1], b = size[d];
+    const bool merge = a == 1 || b == 1 ||
+                       ((!views.data || views.stride[d - 1] == views.stride[d] * b) && ...);
+    if (!merge) {
+      --d;
+      continue;
+    }
+    size[d] = a * b;
+    ((views.stride[d] = b == 1 ? views.stride[d - 1] : views.stride[d]), ...);
+    for (int e = d - 1; e > 0; --e) {  // the dims before move up one
+      size[e] = size[e - 1];
+      ((views.stride[e] = views.stride[e - 1]), ...);
+    }
+    size[0] = 1;
+    ((views.stride[0] = 0), ...);
+    if (d == 1 || std::all_of(size, size + d, [](int64_t s) { return s == 1; })) break;
+  }
+}
+
 // fn(flat, n, idx) over [begin, end) in runs of at most max_run elements along the last dim;
 // idx holds the coordinates of the run's first element.
 template <typename F>
@@ -227,12 +254,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elementwise_run(
     constexpr bool kInPlace = !std::is_same_v<scalar_t, c10::Half>;
     using S = std::conditional_t<kInPlace, scalar_t, float>;
     const acc_t scale = reduction == kReduceMean ? acc_t(1) / static_cast<acc_t>(numel) : acc_t(1);
-    const View4<scalar_t> xv(x), yv(y), gov(go);
-    const View4<acc_t> wv(w), pwv(pw);
+    View4<scalar_t> xv(x), yv(y), gov(go);
+    View4<acc_t> wv(w), pwv(pw);
+    int64_t sizes[4] = {x.size(0), x.size(1), x.size(2), x.size(3)};
+    coalesce_dims(sizes, xv, yv, gov, wv, pwv);
+    const at::IntArrayRef size(sizes, 4);
     scalar_t* lp = want_loss && !reduce ? loss.data_ptr<scalar_t>() : nullptr;
     scalar_t* gxp = want_gx ? gx.data_ptr<scalar_t>() : nullptr;
     scalar_t* gyp = want_gy ? gy.data_ptr<scalar_t>() : nullptr;
-    const at::IntArrayRef size = x.sizes();
     // x and y read in place (size 1 along the last dim: any stride is a run of one)
     const bool direct = kInPlace && (xv.stride[3] == 1 || size[3] == 1) &&
                         (yv.stride[3] == 1 || size[3] == 1);
