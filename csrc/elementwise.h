@@ -167,8 +167,11 @@ FL_ALWAYS_INLINE acc_type<S> ew_loop(const Impl& loss_impl, const EwRun<S>& run)
   }
   if constexpr (kMode == kLossSumGradX) {  // one read of each element for both (and, inlined
     return lane_sum<acc_type<S>>(r.n, [&](int64_t i) {  // together, one exp for BCE's two)
+      // The loss first: after the gradient's store gcc cannot prove x and y unchanged, and
+      // loaded and widened them again (bf16 Huber, AVX2 code: two loads and widenings each).
+      const acc_type<S> l = impl.template loss<kFull>(r, i);
       impl.template grad<kGradX, kFull>(r, i);
-      return impl.template loss<kFull>(r, i);
+      return l;
     });
   }
 #pragma omp simd
