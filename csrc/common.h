@@ -95,10 +95,12 @@ static inline double fast_exp_le88(double x) { return std::exp(x); }
 // [sqrt(1/2), sqrt(2)), a degree-9 polynomial in f = m - 1. About 1 ulp; denormals are rescaled
 // first. No special cases (any select on x stops gcc vectorising the loop): log(0) returns
 // log(2^-150) = -103.97, negative and non-finite x give garbage, but a NaN x stays NaN through
-// fast_log1p and the callers' other terms.
+// fast_log1p and the callers' other terms. kDenormals = false leaves the rescale out, for
+// callers whose x is known to be >= FLT_MIN.
 // (always_inline: with many callers in one file gcc may leave it out of line, unvectorised)
-__attribute__((always_inline)) static inline float fast_log(float x) {
-  const bool sub = x < 1.17549435e-38f;  // FLT_MIN: rescale denormals
+template <bool kDenormals>
+FL_ALWAYS_INLINE float fast_log_impl(float x) {
+  const bool sub = kDenormals && x < 1.17549435e-38f;  // FLT_MIN: rescale denormals
   const float xs = x * (sub ? 8388608.0f : 1.0f);  // * 2^23
   int32_t bits;
   std::memcpy(&bits, &xs, sizeof(float));
@@ -124,6 +126,7 @@ __attribute__((always_inline)) static inline float fast_log(float x) {
   y += kf * -2.12194440e-4f - 0.5f * z;
   return f + y + kf * 0.693359375f;
 }
+FL_ALWAYS_INLINE float fast_log(float x) { return fast_log_impl<true>(x); }
 static inline double fast_log(double x) { return std::log(x); }
 
 // log(1 + x) for x >= 0 without losing small x: u = 1 + x rounds, and log(u) is corrected by
@@ -133,6 +136,13 @@ __attribute__((always_inline)) static inline float fast_log1p(float x) {
   return fast_log(u) - ((u - 1.0f) - x) / u;
 }
 static inline double fast_log1p(double x) { return std::log1p(x); }
+// fast_log1p for x in [0, 1] given u = 1 + x (rounded) and r = 1 / u, which the caller has for
+// its own use (BCE's sigmoid): the correction is a product instead of a second division, and
+// u >= 1 needs no denormal rescale.
+FL_ALWAYS_INLINE float log1p_unit(float x, float u, float r) {
+  return fast_log_impl<false>(u) - ((u - 1.0f) - x) * r;
+}
+static inline double log1p_unit(double x, double, double) { return std::log1p(x); }
 
 // Accumulation type: fp32 for fp32/fp16/bf16, fp64 for fp64.
 template <typename scalar_t>
