@@ -165,7 +165,9 @@ __attribute__((always_inline)) static inline uint16_t float_to_bf16_bits(float f
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+  // NaN tested as a float (one unordered compare; as bits, |f| > +inf's bits is an unsigned
+  // compare, which AVX2 lacks: gcc emitted a min, an equality test and a mask for it)
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
 }
 
 // Copy `n` elements at stride `stride` into an accumulation-type buffer.
