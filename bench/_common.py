@@ -57,6 +57,26 @@ def parse_args(description: str, extra=None):
     return args
 
 
+def shapes_arg(form: str, example: str):
+    """An `extra` for parse_args: --shapes, comma-separated `form:dtype` items (parse_shapes)."""
+    def add(p):
+        p.add_argument("--shapes", default=None,
+                       help=f"comma-separated {form}:dtype, e.g. {example} (instead of --sizes)")
+    return add
+
+
+def parse_shapes(text: str, ndim: int):
+    """--shapes' items `AxB...:dtype` as tuples (A, B, ..., torch dtype) of ndim sizes."""
+    out = []
+    for item in text.split(","):
+        dims, dt = item.split(":")
+        sizes = tuple(int(s) for s in dims.split("x"))
+        if len(sizes) != ndim or not isinstance(getattr(torch, dt, None), torch.dtype):
+            raise SystemExit(f"--shapes: {item!r} is not {ndim} sizes and a dtype")
+        out.append(sizes + (getattr(torch, dt),))
+    return out
+
+
 def pick(args, by_size: dict, quick):
     """The shapes to run: quick's for --quick, else by_size[s] for each size in --sizes."""
     if args.quick:
@@ -177,13 +197,18 @@ def versions() -> dict:
 
 def machine(device) -> dict:
     """What a row's figures depend on besides the code: the ISA the kernels run (the CPU
-    capability torch detects: AVX512 / AVX2 / DEFAULT; the GPU's compute capability), the
-    thread count, and whether PyTorch's transparent-huge-page allocation is on (on the CPU a
-    fresh logits-sized buffer pays first-touch page faults, ~4x fewer with THP)."""
+    capability torch uses: AVX512 / AVX2 / DEFAULT, lowered by ATEN_CPU_CAPABILITY=avx2, which
+    Inductor follows too; fusedloss's own follows FUSEDLOSS_MAX_ISA=avx2, and a row where the two
+    differ says so; the GPU's compute capability), the thread count, and whether PyTorch's
+    transparent-huge-page allocation is on (on the CPU a fresh logits-sized buffer pays
+    first-touch page faults, ~4x fewer with THP)."""
     if device.type == "cuda":
         isa = "sm_%d%d" % torch.cuda.get_device_capability(device)
     else:
         isa = torch.backends.cpu.get_cpu_capability()
+        ours = os.environ.get("FUSEDLOSS_MAX_ISA", "").upper()
+        if ours and ours != isa:
+            isa = f"{isa} (fusedloss {ours})"
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0") not in ("", "0")
     return {"isa": isa, "threads": torch.get_num_threads(), "thp": "on" if thp else "off"}
 

@@ -3,6 +3,7 @@ Liger-Kernel on CUDA where installed).
 
     python bench/bench_cross_entropy.py            # CPU here, CUDA where present
     python bench/bench_cross_entropy.py --quick
+    python bench/bench_cross_entropy.py --shapes 1024x32000:bfloat16
 GB/s counts one read of the logits and one write of their gradient. "floor" times two reads of
 the logits and one write of a fresh logits-sized buffer (the table's "x floor" column divides by
 it); "fusedloss forward" and "read" (x.sum()) compare the forward alone with one read.
@@ -27,13 +28,14 @@ def _no_grad(fn, *args):
 
 
 def main():
-    args = _common.parse_args(__doc__)
+    args = _common.parse_args(__doc__, _common.shapes_arg("NxV", "1024x32000:bfloat16"))
     device = torch.device(args.device)
     f32, bf16 = torch.float32, torch.bfloat16
     large = ([(8192, 32000, bf16), (8192, 128256, bf16), (8192, 128256, f32), (4096, 262144, bf16)]
              if device.type == "cuda" else [(4096, 32000, f32), (4096, 32000, bf16)])
-    shapes = _common.pick(args, {"tiny": [(32, 10, f32)], "mid": [(256, 1000, f32)],
-                                 "large": large}, quick=[(256, 32000, f32)])
+    shapes = _common.parse_shapes(args.shapes, 2) if args.shapes else _common.pick(
+        args, {"tiny": [(32, 10, f32)], "mid": [(256, 1000, f32)], "large": large},
+        quick=[(256, 32000, f32)])
 
     def make(n, v, dtype):
         def inputs():

@@ -23,25 +23,11 @@ import _common  # noqa: E402
 import fusedloss  # noqa: E402
 
 
-def _shapes_arg(p):
-    p.add_argument("--shapes", default=None,
-                   help="comma-separated NxDxV:dtype, e.g. 4096x1024x32000:bfloat16")
-
-
-def parse_shapes(text):
-    out = []
-    for item in text.split(","):
-        dims, dt = item.split(":")
-        n, d, v = (int(s) for s in dims.split("x"))
-        out.append((n, d, v, getattr(torch, dt)))
-    return out
-
-
 def main():
-    args = _common.parse_args(__doc__, _shapes_arg)
+    args = _common.parse_args(__doc__, _common.shapes_arg("NxDxV", "4096x1024x32000:bfloat16"))
     device = torch.device(args.device)
     if args.shapes:
-        shapes = parse_shapes(args.shapes)
+        shapes = _common.parse_shapes(args.shapes, 3)
     elif args.quick:
         shapes = [(512, 256, 4000, torch.float32)]
     else:  # the grid (on CUDA the same, N=8192)

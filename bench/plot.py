@@ -1,5 +1,6 @@
 """Plot the newest benchmark rows of bench/results/results.csv: for each loss and device, forward+
-backward median time and peak memory per case and provider (bench/results/<loss>_<device>.png).
+backward median time and peak memory per case and provider (bench/results/<loss>_<device>.png;
+CPU rows of AVX2 code, on an AVX2 CPU or with FUSEDLOSS_MAX_ISA=avx2, in <loss>_cpu_avx2.png).
 
     python bench/plot.py          # needs matplotlib
 """
@@ -22,11 +23,12 @@ def newest_rows(path):
         for r in csv.DictReader(f):
             if r.get("thp") == "on":  # huge-page runs are their own cases (see bench/_common.py)
                 r["case"] += " THP"
-            rows[(r["loss"], r["device"], r["case"], r["provider"])] = r
+            r["avx2"] = r.get("isa") == "AVX2"
+            rows[(r["loss"], r["device"], r["avx2"], r["case"], r["provider"])] = r
     return list(rows.values())
 
 
-def plot(loss, device, rows):
+def plot(loss, device, avx2, rows):
     cases = list(OrderedDict.fromkeys(r["case"] for r in rows))
     providers = list(OrderedDict.fromkeys(r["provider"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 * len(cases) + 2.5))
@@ -43,9 +45,9 @@ def plot(loss, device, rows):
         ax.invert_yaxis()
         ax.set_xlabel(label)
     axes[0].legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"{loss} on {device}")
+    fig.suptitle(f"{loss} on {device}" + (", AVX2 code" if avx2 else ""))
     fig.tight_layout()
-    kind = "cpu" if "threads" in device else "cuda"
+    kind = ("cpu_avx2" if avx2 else "cpu") if "threads" in device else "cuda"
     out = os.path.join(RESULTS, f"{loss}_{kind}.png")
     fig.savefig(out, dpi=90)
     plt.close(fig)
@@ -56,9 +58,9 @@ def main():
     rows = newest_rows(os.path.join(RESULTS, "results.csv"))
     groups = OrderedDict()
     for r in rows:
-        groups.setdefault((r["loss"], r["device"]), []).append(r)
-    for (loss, device), rs in groups.items():
-        print(plot(loss, device, rs))
+        groups.setdefault((r["loss"], r["device"], r["avx2"]), []).append(r)
+    for (loss, device, avx2), rs in groups.items():
+        print(plot(loss, device, avx2, rs))
 
 
 if __name__ == "__main__":
