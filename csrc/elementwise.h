@@ -1,8 +1,11 @@
 // The driver shared by the element-wise losses (BCE-with-logits, Huber / SmoothL1, KL).
 //
-// Every operand is a strided view of one [D0, D1, D2, D3] index space: the Python layer
-// broadcasts with expand (stride 0, no copy) and merges dims that every operand can merge
-// (fusedloss/_elementwise.py), so broadcast weights and non-contiguous inputs are read in place.
+// Every operand is a strided view of one [D0, D1, D2, D3] index space: the callers broadcast
+// with expand (stride 0, no copy), and the Python layer merges dims that every operand can merge
+// (fusedloss/_elementwise.py; it must, to bring more than 4 dims down to 4 without a copy), so
+// broadcast weights and non-contiguous inputs are read in place. The C++ one-call path
+// (autograd.cpp's EwOperands) passes the input's own dims; coalesce_dims below merges them here,
+// for every caller (a no-op on the Python layer's views).
 // Outputs (per-element loss, gradients) are contiguous over that space. The forward ops write
 // the loss only and the backward ops re-read the inputs and write the gradients with grad_out
 // folded in (no buffer held between the two, any number of backward calls). Under autograd on the
