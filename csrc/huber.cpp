@@ -2,9 +2,13 @@
 // formula in d = x - y with threshold t, quadratic factor k and linear factor m:
 //   L     = w * (|d| < t ? k d^2 / 2 : m (|d| - t/2))
 //   dL/dx = w * (|d| < t ? k d : m sign(d)),   dL/dy = -dL/dx,   sign(0) = 0
-// Huber(delta): t = delta, k = 1, m = delta.  SmoothL1(beta): t = beta, k = 1/beta, m = 1;
-// beta = 0 never takes the quadratic branch (|d| < 0 is false), so it is exact L1 (k = 0 then,
-// never 1/0). The factors are fp32 (fp64 for fp64 inputs).
+// Huber(delta): t = delta, k = 1, m = delta.  SmoothL1(beta): t = beta, k = 1/beta, m = 1.
+// As k t = m, the gradient is c = clamp(k d, -m, m) and the loss c (d - c / 2k): no branch, no
+// sign (NaN propagates through both; Huber's loss rounds as torch's formula does, SmoothL1's
+// quadratic part within a few ulp of it). SmoothL1 with beta = 0 (exact L1; k would be 1/0) or
+// beta < 1e-30 (1/beta huge or infinite, 1/2k subnormal) takes the branchy formula instead, its
+// quadratic part as torch's, d/beta (never 0 * inf), and beta = 0 never on the quadratic side
+// (|d| < 0 is false). The factors are fp32 (fp64 for fp64 inputs).
 #include <torch/library.h>
 
 #include "elementwise.h"
@@ -12,22 +16,34 @@
 namespace fusedloss {
 namespace {
 
-// Element i of one run (EwRun, elementwise.h; S the storage type, A = acc_type<S>).
-template <typename A>
+// Element i of one run (EwRun, elementwise.h; S the storage type, A = acc_type<S>). kClamp:
+// the clamp form; else the branchy one (SmoothL1 with beta = 0 or tiny: m = 1, k t = 1).
+template <typename A, bool kClamp>
 struct HuberLoop {
-  A t, k, m;
+  A t, k, m, hk;  // hk = 1 / 2k
   template <bool kFull, typename S>
   FL_ALWAYS_INLINE A loss(const EwRun<S>& r, int64_t i) const {
     const A d = ew_load(r.x[i]) - ew_load(r.y[i]);
-    const A ad = std::abs(d);
-    const A l = ad < t ? A(0.5) * k * d * d : m * (ad - A(0.5) * t);
+    A l;
+    if constexpr (kClamp) {
+      const A c = std::min(std::max(k * d, -m), m);
+      l = c * (d - c * hk);
+    } else {
+      const A ad = std::abs(d);
+      l = ad < t ? A(0.5) * d * (d / t) : m * (ad - A(0.5) * t);
+    }
     return kFull ? r.w[i] * l : l;
   }
   template <int kMode, bool kFull, typename S>
   FL_ALWAYS_INLINE void grad(const EwRun<S>& r, int64_t i) const {
     const A d = ew_load(r.x[i]) - ew_load(r.y[i]);
-    const A sgn = d > 0 ? A(1) : (d < 0 ? A(-1) : d);  // 0 -> 0, NaN -> NaN
-    A g = std::abs(d) < t ? k * d : m * sgn;
+    A g;
+    if constexpr (kClamp) {
+      g = std::min(std::max(k * d, -m), m);  // (NaN: both comparisons fail, d kept)
+    } else {
+      const A sgn = d > 0 ? A(1) : (d < 0 ? A(-1) : d);  // 0 -> 0, NaN -> NaN
+      g = std::abs(d) < t ? d / t : m * sgn;
+    }
     if constexpr (kFull) g = r.w[i] * g * (r.gs * ew_load(r.go[i]));
     else g = g * r.gs;
     ew_store(r.gx + i, g);
@@ -35,16 +51,23 @@ struct HuberLoop {
   }
 };
 
+template <typename S, typename A>
+FL_ALWAYS_INLINE A huber_modes(int mode, bool full, const EwRun<S>& r, const HuberLoop<A, true>& p) {
+  if (p.t > 0 && p.k <= A(1e30)) return ew_dispatch(p, mode, full, r);
+  return ew_dispatch(HuberLoop<A, false>{p.t, p.k, p.m, p.hk}, mode, full, r);
+}
+
+using HuberParams = HuberLoop<float, true>;
 FL_MULTIVERSION float huber_block(int mode, bool full, const EwRun<float>& r,
-                                  const HuberLoop<float>& p) {
-  return ew_dispatch(p, mode, full, r);
+                                  const HuberParams& p) {
+  return huber_modes(mode, full, r, p);
 }
 FL_MULTIVERSION float huber_block(int mode, bool full, const EwRun<c10::BFloat16>& r,
-                                  const HuberLoop<float>& p) {
-  return ew_dispatch(p, mode, full, r);
+                                  const HuberParams& p) {
+  return huber_modes(mode, full, r, p);
 }
-double huber_block(int mode, bool full, const EwRun<double>& r, const HuberLoop<double>& p) {
-  return ew_dispatch(p, mode, full, r);
+double huber_block(int mode, bool full, const EwRun<double>& r, const HuberLoop<double, true>& p) {
+  return huber_modes(mode, full, r, p);
 }
 
 struct Huber {
@@ -56,7 +79,7 @@ struct Huber {
     const A t = static_cast<A>(delta);
     const A k = !smooth_l1 ? A(1) : (delta > 0 ? A(1) / t : A(0));
     const A m = smooth_l1 ? A(1) : t;
-    return huber_block(mode, full, r, HuberLoop<A>{t, k, m});
+    return huber_block(mode, full, r, HuberLoop<A, true>{t, k, m, A(0.5) / k});
   }
 };
 

@@ -4,8 +4,10 @@ Same contract and formula as csrc/huber.cpp (one kernel for forward and backward
 kernels/bce.py), in d = x - y with threshold t = delta:
   L     = w (|d| < t ? k d^2 / 2 : m (|d| - t/2))
   dL/dx = w (|d| < t ? k d : m sign(d)),  dL/dy = -dL/dx,  sign(0) = 0
-Huber: k = 1, m = delta. SmoothL1 (beta = delta): k = 1/beta (0 at beta = 0, whose quadratic
-branch is never taken: exact L1), m = 1. delta arrives as fp64 (exact in an fp64 kernel).
+Huber: k = 1, m = delta. SmoothL1 (beta = delta): k = 1/beta, m = 1, with k d taken as d / beta
+(a subnormal beta's 1/beta overflows; beta = 0 never takes the quadratic branch: exact L1). The
+C++ loops use a branch-free clamp form instead (csrc/huber.cpp): on the GPU this kernel is bound
+by memory, not by its selects. delta arrives as fp64 (exact in an fp64 kernel).
 """
 import triton
 import triton.language as tl
@@ -33,18 +35,18 @@ def _huber_kernel(
     y = load4(Y, i0, i1, i2, i3, sy0, sy1, sy2, sy3, mask, ACC, CONTIG)
     w = load4(W, i0, i1, i2, i3, sw0, sw1, sw2, sw3, mask, ACC, CONTIG) if HAS_W else 1.0
     t = float_arg(delta, ACC)
+    d = x - y
     if SMOOTH_L1:
-        k = tl.where(t > 0, 1.0 / tl.where(t > 0, t, 1.0), 0.0)
+        kd = d / tl.where(t > 0, t, 1.0)
         m = tl.full((), 1.0, ACC)
     else:
-        k = tl.full((), 1.0, ACC)
+        kd = d
         m = t
-    d = x - y
     ad = tl.abs(d)
     quad = ad < t
     sgn = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d))  # 0 -> 0, NaN -> NaN
-    loss = w * tl.where(quad, 0.5 * k * d * d, m * (ad - 0.5 * t))
-    gx = w * tl.where(quad, k * d, m * sgn)
+    loss = w * tl.where(quad, 0.5 * d * kd, m * (ad - 0.5 * t))
+    gx = w * tl.where(quad, kd, m * sgn)
     finish(LOSS, GX, GY, GO, pid, idx, i0, i1, i2, i3, sg0, sg1, sg2, sg3, mask, loss, gx,
            -gx, numel, REDUCTION, COMPUTE_LOSS, GRAD_X, GRAD_Y, ACC, CONTIG, GO_SCALAR)
 
