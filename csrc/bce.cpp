@@ -48,7 +48,7 @@ struct BceLoop {
     const BceTerms<A> t = bce_terms(xi);
     const A e = t.e, r1 = t.r;
     const A a = kFull ? r.pw[i] * yi : yi, b = A(1) - yi;
-    const A f = kFull ? r.gs * ew_load(r.go[i]) : r.gs;  // grad_out * scale
+    const A f = ew_go<kMode, kFull>(r, i);  // grad_out * scale
     const A sig_pos = xi >= 0 ? r1 : e * r1;  // sigmoid(x)
     const A sig_neg = xi >= 0 ? e * r1 : r1;  // sigmoid(-x)
     A g = b * sig_pos - a * sig_neg;

@@ -157,8 +157,18 @@ struct EwRun {
   S* gy = nullptr;
 };
 
+// grad_out * scale for element i in a loss's grad<kMode, kFull>: per element in the full loop,
+// except in the one-pass mode, whose grad_out is always a scalar (already in gs; reading the
+// ones there cost a load, a widening and a multiply per element).
+template <int kMode, bool kFull, typename S>
+FL_ALWAYS_INLINE acc_type<S> ew_go(const EwRun<S>& r, int64_t i) {
+  if constexpr (kFull && kMode != kLossSumGradX) return r.gs * ew_load(r.go[i]);
+  return r.gs;
+}
+
 // One run of a loss's loop in mode kMode: Impl::loss<kFull>(r, i) is element i's loss,
-// Impl::grad<kMode, kFull>(r, i) stores element i's gradients (both forced inline).
+// Impl::grad<kMode, kFull>(r, i) stores element i's gradients (both forced inline; kMode is
+// kGradX, kGradXY, or kLossSumGradX for the input's alone, with grad_out from ew_go).
 template <int kMode, bool kFull, typename Impl, typename S>
 FL_ALWAYS_INLINE acc_type<S> ew_loop(const Impl& loss_impl, const EwRun<S>& run) {
   // Local copies: the stores below cannot alias their fields (else gcc reloads them per
@@ -173,7 +183,7 @@ FL_ALWAYS_INLINE acc_type<S> ew_loop(const Impl& loss_impl, const EwRun<S>& run)
       // The loss first: after the gradient's store gcc cannot prove x and y unchanged, and
       // loaded and widened them again (bf16 Huber, AVX2 code: two loads and widenings each).
       const acc_type<S> l = impl.template loss<kFull>(r, i);
-      impl.template grad<kGradX, kFull>(r, i);
+      impl.template grad<kLossSumGradX, kFull>(r, i);
       return l;
     });
   }

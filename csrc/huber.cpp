@@ -44,8 +44,8 @@ struct HuberLoop {
       const A sgn = d > 0 ? A(1) : (d < 0 ? A(-1) : d);  // 0 -> 0, NaN -> NaN
       g = std::abs(d) < t ? d / t : m * sgn;
     }
-    if constexpr (kFull) g = r.w[i] * g * (r.gs * ew_load(r.go[i]));
-    else g = g * r.gs;
+    if constexpr (kFull) g = r.w[i] * g;
+    g = g * ew_go<kMode, kFull>(r, i);
     ew_store(r.gx + i, g);
     if constexpr (kMode == kGradXY) ew_store(r.gy + i, -g);
   }

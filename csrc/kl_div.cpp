@@ -34,13 +34,19 @@ struct KlLoop {
       dx = -e;
       dy = zero ? A(0) : e * (yi - xi + A(1));
     } else {
-      // log y for 0 < y < inf (fast_log handles finite y > 0 only); +inf -> +inf, else NaN
-      const A ly = yi > 0 && yi < kInf ? fast_log(yi) : (yi == kInf ? kInf : kNaN);
-      const A ylogy = yi == 0 ? A(0) : yi * ly;  // xlogy(y, y), NaN for y < 0 or NaN
+      // fast_log is right for finite y > 0 and finite elsewhere (log(0) = -104, log(inf) =
+      // 88.7, garbage for y < 0 or NaN): xlogy(y, y) = y log y then holds at y = 0 (0) and
+      // +inf (inf), and y < 0 takes NaN (NaN y stays NaN). One select: the selects that made
+      // log y exact first cost more than the log (AVX2 code).
+      A ly = fast_log(yi);
+      // (fp64's fast_log is std::log, -inf at 0: clamped to stay finite there)
+      if constexpr (std::is_same_v<A, double>) ly = std::max(ly, std::numeric_limits<A>::lowest());
+      const A ylogy = yi >= 0 ? yi * ly : kNaN;
       const A yx = (yi == 0 && xi == -kInf) ? A(0) : yi * xi;
       l = ylogy - yx;
       dx = -yi;
-      dy = yi == 0 ? kNaN : ly + A(1) - xi;  // torch: xlogy's backward is 0/0 at y = 0
+      // torch: xlogy's backward is 0/0 at y = 0; log(+inf) = inf; NaN for y < 0 or NaN
+      dy = yi > 0 ? (yi < kInf ? ly : kInf) + A(1) - xi : kNaN;
     }
   }
   template <bool kFull, typename S>
@@ -53,7 +59,7 @@ struct KlLoop {
   FL_ALWAYS_INLINE void grad(const EwRun<S>& r, int64_t i) const {
     acc_type<S> l, dx, dy;
     terms(r, i, l, dx, dy);
-    const acc_type<S> f = kFull ? r.gs * ew_load(r.go[i]) : r.gs;  // grad_out * scale
+    const acc_type<S> f = ew_go<kMode, kFull>(r, i);  // grad_out * scale
     ew_store(r.gx + i, dx * f);
     if constexpr (kMode == kGradXY) ew_store(r.gy + i, dy * f);
   }

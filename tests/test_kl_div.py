@@ -115,6 +115,31 @@ def test_zero_targets(backend):
     assert F.kl_div(x, y.log(), reduction="sum", log_target=True).isnan()
 
 
+def test_cpu_log_ulps():
+    """The C++ log, seen through the per-element loss at input 0 (y log y as the kernel computes
+    it), element by element against float64 over all of fp32's positive range, subnormals
+    included, and densely near 1: within 2 ulp (plus one subnormal step); 0 -> 0, +inf -> inf,
+    negative or NaN -> NaN (at input -1: +inf -> inf). The other KL tests compare sums or values of one scale and would
+    pass a log some ulps off."""
+    g = torch.Generator().manual_seed(0)
+    n = 200000
+    e = torch.randint(-149, 121, (n,), generator=g).double()  # (y log y overflows fp32 above)
+    y = (torch.rand(n, generator=g, dtype=torch.float64) + 1.0) * 2.0**e / 2
+    y[:20000] = 1 + (torch.rand(20000, generator=g, dtype=torch.float64) - 0.5) * 2**-6
+    y = torch.cat([y.float(), torch.tensor([0.0, float("inf"), -1.0, -1e-40, float("nan")])])
+    x = torch.zeros_like(y)
+    x[n + 1] = -1.0  # (y = inf, x = 0 is inf * 0 = NaN, as torch's)
+    out = torch.ops.fusedloss.kl_div_fwd(x.view(1, 1, 1, -1), y.view(1, 1, 1, -1), False, 0)
+    out = out.view(-1)
+    yd = y.double()
+    want = yd * yd.log()
+    k = n
+    assert out[k] == 0 and out[k + 1] == float("inf") and out[k + 2:].isnan().all()
+    err = (out[:k].double() - want[:k]).abs() - 2.0**-149
+    bad = err > 2 * 2.0**-23 * want[:k].abs()
+    assert not bad.any(), (y[:k][bad][:5], (err / want[:k].abs())[bad][:5] / 2.0**-23)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_grad_output(backend, reduction):
     x, y = make((6, 9), torch.float32, backend.device)
