@@ -9,6 +9,12 @@ classifier, large the bandwidth shapes) and prints a progress line per row on st
 records the ISA, thread count and whether THP allocation was on (run a script a second time with
 THP_MEM_ALLOC_ENABLE=1 for the huge-page figures).
 
+Every provider's first call is checked against the eager torch provider of its case (loss and
+gradients, loosely: a bf16 tolerance for half-precision cases): a provider that computes something
+else is timed but flagged, in the table and in the CSV's `check` column, and warned about on
+stderr, so that a wrong result is never read as a win (torch.compile's AVX2 code for F.kl_div on
+torch 2.13 returns a loss of 0).
+
 Timing: triton.testing.do_bench (median, 20th/80th percentiles) on CUDA; torch.utils.benchmark on
 the CPU. Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the peak RSS (VmHWM, reset
 through /proc/self/clear_refs) above its level before the call, in a fresh process per row.
@@ -239,17 +245,25 @@ def run(loss: str, cases, providers: dict, nbytes, args) -> list:
     # Phase 1 times every (case, provider), the providers of a case interleaved over --rounds;
     # phase 2 measures peak memory.
     for case, make in cases:
-        live = {}
+        live, results = {}, {}
         for name in names:
             inputs = make()
             fn = (lambda f, i: lambda: f(i))(providers[name], inputs)
             try:
-                fn()  # warm-up / compile
+                results[name] = _snapshot(fn())  # warm-up / compile; checked below
                 fn()
             except Exception as exc:  # report and go on: one broken provider must not hide others
                 print(f"[{loss}] {case} {name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
             live[name] = (fn, inputs)
+        checks = {}
+        for name in live:
+            ref = _reference_name(name, list(live))
+            checks[name] = "" if ref is None else _agree(results[name], results[ref])
+            if checks[name] not in ("", "ok"):
+                print(f"[{loss}] {case} {name}: WRONG RESULT against {ref}: {checks[name]}",
+                      file=sys.stderr, flush=True)
+        results.clear()
         meds = {name: [] for name in live}
         for r in range(args.rounds):
             for name, (fn, _) in live.items():
@@ -267,7 +281,7 @@ def run(loss: str, cases, providers: dict, nbytes, args) -> list:
                     m[0] for m in ms)
             gbs = nbytes(inputs) / (med * 1e-3) / 1e9
             rows.append(dict(loss=loss, case=case, provider=name, median_ms=med, p20_ms=p20,
-                             p80_ms=p80, gb_per_s=gbs, peak_mb=float("nan"),
+                             p80_ms=p80, gb_per_s=gbs, peak_mb=float("nan"), check=checks[name],
                              device=device_name(device), date=datetime.date.today().isoformat(),
                              rounds=args.rounds, **machine(device), **versions()))
         del live
@@ -301,7 +315,8 @@ def print_table(rows) -> None:
         base = first.setdefault(r["case"], r["median_ms"])
         fl = floors.get(r["case"])
         tail = (f" {r['median_ms'] / fl:.2f} |" if fl else " |") if floors else ""
-        print(f"| {r['case']} | {r['provider']} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}-"
+        flag = " (WRONG RESULT)" if r.get("check", "ok") not in ("", "ok") else ""
+        print(f"| {r['case']} | {r['provider']}{flag} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}-"
               f"{r['p80_ms']:.2f}) | {r['median_ms'] / base:.2f}x | {r['gb_per_s']:.1f} | "
               f"{r['peak_mb']:.0f} |" + tail)
 
@@ -328,8 +343,57 @@ def save(loss: str, rows, device_type: str) -> None:
 
 
 def fwd_bwd(loss_fn, *tensors_needing_grad):
-    """A provider body: loss_fn() -> scalar loss; backward; clear the grads it produced."""
+    """A provider body: loss_fn() -> scalar loss; backward; clear the grads it produced. Returns
+    the loss and those grads (for the check against the eager provider; the timing loops drop
+    them at once)."""
     out = loss_fn()
     out.backward()
+    grads = [t.grad for t in tensors_needing_grad]
     for t in tensors_needing_grad:
         t.grad = None
+    return out.detach(), grads
+
+
+def _snapshot(result):
+    """A provider's (loss, grads) from fwd_bwd, copied in fp32 (an in-place provider reuses its
+    buffers); None for what other providers return (the floor's tensors, a norm)."""
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], list)):
+        return None
+    out, grads = result
+    half = any(t is not None and t.dtype in (torch.float16, torch.bfloat16) for t in [out, *grads])
+    return out.float().clone(), [None if g is None else g.float().clone() for g in grads], half
+
+
+def _reference_name(name: str, names):
+    """The eager torch provider that `name` is checked against: "torch", "torch eager" or
+    "eager formula", or "<group> torch" for a provider "<group> <other>" (bench_huber's
+    "smooth_l1 torch.compile" -> "smooth_l1 torch"); None for the reference itself."""
+    best = None
+    for c in names:
+        if c in ("torch", "torch eager", "eager formula"):
+            prefix = ""
+        elif c.endswith(" torch"):
+            prefix = c[:-len("torch")]
+        else:
+            continue
+        if c != name and name.startswith(prefix) and (best is None or len(prefix) > best[0]):
+            best = (len(prefix), c)
+    return None if best is None or name == best[1] else best[1]
+
+
+def _agree(a, b) -> str:
+    """"ok", or what differs between two providers' (loss, grads), within 3e-2 (half-precision
+    results) or 2e-3 of the larger magnitude: loose, for a result that is wrong, not rounded."""
+    if a is None or b is None:
+        return ""
+    rtol = 3e-2 if a[2] or b[2] else 2e-3
+    pairs = [("loss", a[0], b[0])] + [(f"grad {i}", x, y) for i, (x, y) in
+                                       enumerate(zip(a[1], b[1])) if x is not None and y is not None]
+    for what, x, y in pairs:
+        if x.shape != y.shape:
+            return f"{what} shape {tuple(x.shape)} vs {tuple(y.shape)}"
+        scale = y.abs().max().item() if y.numel() else 0.0
+        diff = (x - y).abs().max().item() if y.numel() else 0.0
+        if not diff <= rtol * scale + 1e-30:  # (NaN fails)
+            return f"{what} max |diff| {diff:.3g} vs max |ref| {scale:.3g}"
+    return "ok"
