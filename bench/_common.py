@@ -12,8 +12,8 @@ THP_MEM_ALLOC_ENABLE=1 for the huge-page figures).
 Every provider's first call is checked against the eager torch provider of its case (loss and
 gradients, loosely: a bf16 tolerance for half-precision cases): a provider that computes something
 else is timed but flagged, in the table and in the CSV's `check` column, and warned about on
-stderr, so that a wrong result is never read as a win (torch.compile's AVX2 code for F.kl_div on
-torch 2.13 returns a loss of 0).
+stderr, so that a wrong result is never read as a win (it caught Inductor reusing kernels compiled for
+another ISA: see the cache folder below).
 
 Timing: triton.testing.do_bench (median, 20th/80th percentiles) on CUDA; torch.utils.benchmark on
 the CPU. Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the peak RSS (VmHWM, reset
@@ -31,6 +31,15 @@ import subprocess
 import sys
 
 import torch
+
+# Inductor's on-disk cache does not key its CPU kernels on ATEN_CPU_CAPABILITY: a run with
+# ATEN_CPU_CAPABILITY=avx2 loaded the AVX-512 run's kernels and vice versa (torch 2.13; seen as
+# half the loss and as heap corruption, in plain torch). One cache folder per ISA here.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = (
+        f"{default_cache_dir()}_{torch.backends.cpu.get_cpu_capability().lower()}")
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
