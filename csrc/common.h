@@ -96,10 +96,10 @@ static inline double fast_exp_le88(double x) { return std::exp(x); }
 // denormals are rescaled first. m and k come from integer arithmetic on x's bits offset by
 // sqrt(1/2)'s (as musl's logf): Cephes' "if m < sqrt(1/2): m *= 2, k -= 1" as a select made gcc
 // compute the polynomial for both sides and blend (twice the work: AVX2 code, BCE's loss took
-// 2.0-2.2 ns per element, 1.25 without). No special cases (any select on x stops gcc vectorising the loop):
-// log(0) returns log(2^-150) = -103.97, negative and non-finite x give garbage, but a NaN x
-// stays NaN through fast_log1p and the callers' other terms. kDenormals = false leaves the
-// rescale out, for callers whose x is known to be >= FLT_MIN.
+// 2.0-2.2 ns per element, 1.25 without). No special cases, which the callers handle as they
+// need (KL: y log y): log(0) returns log(2^-150) = -103.97, negative and non-finite x give
+// garbage (finite), but a NaN x stays NaN through fast_log1p and the callers' other terms.
+// kDenormals = false leaves the rescale out, for callers whose x is known to be >= FLT_MIN.
 // (always_inline: with many callers in one file gcc may leave it out of line, unvectorised)
 template <bool kDenormals>
 FL_ALWAYS_INLINE float fast_log_impl(float x) {
@@ -134,9 +134,10 @@ static inline double fast_log(double x) { return std::log(x); }
 
 // log(1 + x) for x >= 0 without losing small x: u = 1 + x rounds, and log(u) is corrected by
 // the first-order term of that rounding, (x - (u - 1)) / u (gives x where u rounds to 1).
+// u >= 1: no denormal rescale.
 __attribute__((always_inline)) static inline float fast_log1p(float x) {
   const float u = 1.0f + x;
-  return fast_log(u) - ((u - 1.0f) - x) / u;
+  return fast_log_impl<false>(u) - ((u - 1.0f) - x) / u;
 }
 static inline double fast_log1p(double x) { return std::log1p(x); }
 // fast_log1p for x in [0, 1] given u = 1 + x (rounded) and r = 1 / u, which the caller has for
