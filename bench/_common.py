@@ -12,8 +12,8 @@ THP_MEM_ALLOC_ENABLE=1 for the huge-page figures).
 Every provider's first call is checked against the eager torch provider of its case (loss and
 gradients, loosely: a bf16 tolerance for half-precision cases): a provider that computes something
 else is timed but flagged, in the table and in the CSV's `check` column, and warned about on
-stderr, so that a wrong result is never read as a win (it caught Inductor reusing kernels compiled for
-another ISA: see the cache folder below).
+stderr, so that a wrong result is never read as a win (it caught Inductor reusing kernels
+compiled for another ISA: see the cache folder below).
 
 Timing: triton.testing.do_bench (median, 20th/80th percentiles) on CUDA; torch.utils.benchmark on
 the CPU. Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the peak RSS (VmHWM, reset

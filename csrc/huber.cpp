@@ -6,9 +6,9 @@
 // As k t = m, the gradient is c = clamp(k d, -m, m) and the loss c (d - c / 2k): no branch, no
 // sign (NaN propagates through both; Huber's loss rounds as torch's formula does, SmoothL1's
 // quadratic part within a few ulp of it). SmoothL1 with beta = 0 (exact L1; k would be 1/0) or
-// beta < 1e-30 (1/beta huge or infinite, 1/2k subnormal) takes the branchy formula instead, its
-// quadratic part as torch's, d/beta (never 0 * inf), and beta = 0 never on the quadratic side
-// (|d| < 0 is false). The factors are fp32 (fp64 for fp64 inputs).
+// beta < 1e-30 (1/beta near fp32's largest value, infinite for a subnormal beta) takes the
+// branchy formula instead, its quadratic part as torch's, d/beta (never 0 * inf), and beta = 0
+// never on the quadratic side (|d| < 0 is false). The factors are fp32 (fp64 for fp64 inputs).
 #include <torch/library.h>
 
 #include "elementwise.h"
