@@ -78,10 +78,6 @@ inline T softmax_grad_impl(const T* x, const T* w, int64_t n, T lse, T a, T k, T
   }
   return sum;
 }
-FL_MULTIVERSION float softmax_grad_f(const float* x, const float* w, int64_t n, float lse, float a,
-                                     float k, float scale, float* g) {
-  return softmax_grad_impl(x, w, n, lse, a, k, scale, g);
-}
 
 template <typename T>
 inline void tile_max_impl(const T* x, int64_t n, T* m) {
@@ -136,16 +132,20 @@ inline void from_acc_impl(const float* src, int64_t n, c10::BFloat16* dst) {
   for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16_bits(src[i]);
 }
 
-// ---- The log-sum-exp sums: sum_i exp(x[i] - shift), and max_i x[i] alongside ---------------------
+// ---- Cross-entropy's row loops: sum_i exp(x[i] - shift) (and max_i x[i]), the softmax gradient
 //
-// Most of cross-entropy's CPU forward is these sums. fast_exp is a chain of about ten dependent
-// FMAs per element, long enough that the out-of-order window, not the FMA units, bounded the loop
-// (AVX2 code on a Zen 3 core: ~11 cycles per 8 elements for ~21 operations). For AVX2 and AVX-512
-// the sums take exp from exp_lanes instead, written with GCC's vector extensions so that both
-// bodies are one source (W = 8 and 16 lanes), bf16 rows widened in registers (no fp32 copy).
+// Most of cross-entropy's CPU time is the exps of these loops. fast_exp is a chain of about ten
+// dependent FMAs per element, long enough that the out-of-order window, not the FMA units, bounded
+// the loop (AVX2 code on a Zen 3 core: ~11 cycles per 8 elements for ~21 operations). For AVX2 and
+// AVX-512 these loops take exp from exp_lanes instead, written with GCC's vector extensions so that
+// both bodies are one source (W = 8 and 16 lanes), bf16 rows widened in registers (no fp32 copy).
 // Other CPUs and compilers keep the fast_exp loops.
 FL_ALWAYS_INLINE float to_float(float v) { return v; }
 FL_ALWAYS_INLINE float to_float(c10::BFloat16 v) { return bf16_to_float(v); }
+FL_ALWAYS_INLINE void store_float(float v, float* p) { *p = v; }
+FL_ALWAYS_INLINE void store_float(float v, c10::BFloat16* p) {
+  *reinterpret_cast<uint16_t*>(p) = float_to_bf16_bits(v);
+}
 
 template <int W>
 struct Lanes {
@@ -236,6 +236,56 @@ FL_ALWAYS_INLINE float lse_sum_lanes(const X* x, int64_t n, float shift, float* 
   return pairwise_sum(lanes, W) + s;
 }
 
+// fp32 bits -> bf16 bits (round to nearest even, NaN kept quiet), as float_to_bf16_bits per lane.
+template <int W>
+FL_ALWAYS_INLINE void bf16_bits_lanes(const typename Lanes<W>::F& f, typename Lanes<W>::U& out) {
+  using U = typename Lanes<W>::U;
+  const U u = (U)f;
+  const U nan = (U)(f != f);
+  out = (((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) & ~nan) | (nan & 0x7FC0u);
+}
+
+// The softmax gradient without class weights: g = scale * (a exp(x - lse) - k), W lanes; returns
+// the sum of exp(x - lse). bf16 rows read and written in place (x == g allowed: each pair of
+// elements is read before it is written).
+template <int W, typename X>
+FL_ALWAYS_INLINE float softmax_grad_lanes(const X* x, int64_t n, float lse, float a, float k,
+                                          float scale, X* g) {
+  using F = typename Lanes<W>::F;
+  using U = typename Lanes<W>::U;
+  F s0 = {}, s1 = {};
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    F xa, xb, pa, pb;
+    load_lanes<W>(x + i, xa, xb);
+    exp_lanes<W>(xa - lse, pa);
+    exp_lanes<W>(xb - lse, pb);
+    s0 += pa;
+    s1 += pb;
+    const F ga = scale * (pa * a - k), gb = scale * (pb * a - k);
+    if constexpr (std::is_same_v<X, float>) {
+      std::memcpy(g + i, &ga, sizeof(ga));
+      std::memcpy(g + i + W, &gb, sizeof(gb));
+    } else {
+      U ra, rb;
+      bf16_bits_lanes<W>(ga, ra);
+      bf16_bits_lanes<W>(gb, rb);
+      const U pair = ra | (rb << 16);  // the even elements in the low halves (load_lanes)
+      std::memcpy(g + i, &pair, sizeof(pair));
+    }
+  }
+  float s = 0;
+  for (; i < n; ++i) {
+    const float p = fast_exp_le88(to_float(x[i]) - lse);
+    s += p;
+    store_float(scale * (p * a - k), g + i);
+  }
+  float lanes[W];
+  s0 += s1;
+  std::memcpy(lanes, &s0, sizeof(lanes));
+  return pairwise_sum(lanes, W) + s;
+}
+
 // The same with fast_exp (CPUs without AVX2, other compilers); bf16 widened in place, in lane
 // arrays as lane_sum (common.h) and for the same reason.
 template <bool kMax, typename X>
@@ -265,7 +315,27 @@ FL_ALWAYS_INLINE float lse_sum_portable(const X* x, int64_t n, float shift, floa
   return pairwise_sum(s, kSumLanes) + st;
 }
 
-// W lanes of exp_lanes, or W = 0: the fast_exp loop. mx == nullptr: no max.
+// The softmax gradient with fast_exp, and where a class weight enters (w: - k w_j); bf16 rows
+// read and written in place as in softmax_grad_lanes, fp32 math and the same rounding to bf16 as
+// from_acc; the sum of p in lane arrays as lane_sum.
+template <typename X>
+FL_ALWAYS_INLINE float softmax_grad_portable(const X* x, const float* w, int64_t n, float lse,
+                                             float a, float k, float scale, X* g) {
+  if (w == nullptr) {
+    return lane_sum<float>(n, [&](int64_t i) {
+      const float p = fast_exp_le88(to_float(x[i]) - lse);
+      store_float(scale * (p * a - k), g + i);
+      return p;
+    });
+  }
+  return lane_sum<float>(n, [&](int64_t i) {
+    const float p = fast_exp_le88(to_float(x[i]) - lse);
+    store_float(scale * (p * a - k * w[i]), g + i);
+    return p;
+  });
+}
+
+// W lanes of exp_lanes, or W = 0: the fast_exp loops. mx == nullptr: no max.
 template <int W, typename X>
 FL_ALWAYS_INLINE float lse_sum_at(const X* x, int64_t n, float shift, float* mx) {
   if constexpr (W == 0) {
@@ -274,50 +344,53 @@ FL_ALWAYS_INLINE float lse_sum_at(const X* x, int64_t n, float shift, float* mx)
     return mx ? lse_sum_lanes<W, true>(x, n, shift, mx) : lse_sum_lanes<W, false>(x, n, shift, mx);
   }
 }
+template <int W, typename X>
+FL_ALWAYS_INLINE float softmax_grad_at(const X* x, const float* w, int64_t n, float lse, float a,
+                                       float k, float scale, X* g) {
+  if constexpr (W > 0) {
+    if (w == nullptr) return softmax_grad_lanes<W>(x, n, lse, a, k, scale, g);
+  }
+  return softmax_grad_portable(x, w, n, lse, a, k, scale, g);
+}
 
-// One function per row type, compiled per ISA by function multiversioning (the loader picks the
-// body for the CPU, as for FL_MULTIVERSION's clones; FUSEDLOSS_MAX_ISA=avx2 leaves AVX-512 out).
+// The four, for float and bf16 rows, compiled per ISA by function multiversioning (the loader
+// picks the body for the CPU, as for FL_MULTIVERSION's clones; FUSEDLOSS_MAX_ISA=avx2 leaves
+// AVX-512 out).
+#define FL_ROW_SUMS(ATTR, W)                                                                    \
+  ATTR float lse_sum(const float* x, int64_t n, float shift, float* mx) {                       \
+    return lse_sum_at<W>(x, n, shift, mx);                                                      \
+  }                                                                                             \
+  ATTR float lse_sum(const c10::BFloat16* x, int64_t n, float shift, float* mx) {               \
+    return lse_sum_at<W>(x, n, shift, mx);                                                      \
+  }                                                                                             \
+  ATTR float softmax_grad(const float* x, const float* w, int64_t n, float lse, float a,        \
+                          float k, float scale, float* g) {                                     \
+    return softmax_grad_at<W>(x, w, n, lse, a, k, scale, g);                                    \
+  }                                                                                             \
+  ATTR float softmax_grad(const c10::BFloat16* x, const float* w, int64_t n, float lse,         \
+                          float a, float k, float scale, c10::BFloat16* g) {                    \
+    return softmax_grad_at<W>(x, w, n, lse, a, k, scale, g);                                    \
+  }
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FL_DEFAULT __attribute__((target("default")))
-#define FL_V3 __attribute__((target("arch=x86-64-v3")))
-#define FL_V4 __attribute__((target("arch=x86-64-v4")))
-FL_DEFAULT float lse_sum(const float* x, int64_t n, float shift, float* mx) {
-  return lse_sum_at<0>(x, n, shift, mx);
-}
-FL_DEFAULT float lse_sum(const c10::BFloat16* x, int64_t n, float shift, float* mx) {
-  return lse_sum_at<0>(x, n, shift, mx);
-}
-FL_V3 float lse_sum(const float* x, int64_t n, float shift, float* mx) {
-  return lse_sum_at<8>(x, n, shift, mx);
-}
-FL_V3 float lse_sum(const c10::BFloat16* x, int64_t n, float shift, float* mx) {
-  return lse_sum_at<8>(x, n, shift, mx);
-}
+FL_ROW_SUMS(__attribute__((target("default"))), 0)
+FL_ROW_SUMS(__attribute__((target("arch=x86-64-v3"))), 8)
 #ifndef FL_MAX_ISA_AVX2
-FL_V4 float lse_sum(const float* x, int64_t n, float shift, float* mx) {
-  return lse_sum_at<16>(x, n, shift, mx);
-}
-FL_V4 float lse_sum(const c10::BFloat16* x, int64_t n, float shift, float* mx) {
-  return lse_sum_at<16>(x, n, shift, mx);
-}
+FL_ROW_SUMS(__attribute__((target("arch=x86-64-v4"))), 16)
 #endif
-#undef FL_DEFAULT
-#undef FL_V3
-#undef FL_V4
 #else
-float lse_sum(const float* x, int64_t n, float shift, float* mx) {
-  return lse_sum_at<0>(x, n, shift, mx);
-}
-float lse_sum(const c10::BFloat16* x, int64_t n, float shift, float* mx) {
-  return lse_sum_at<0>(x, n, shift, mx);
-}
+FL_ROW_SUMS(, 0)
 #endif
+#undef FL_ROW_SUMS
 
 }  // namespace
 
 float block_softmax_grad(const float* x, const float* w, int64_t n, float lse, float a, float k,
                          float scale, float* g) {
-  return softmax_grad_f(x, w, n, lse, a, k, scale, g);
+  return softmax_grad(x, w, n, lse, a, k, scale, g);
+}
+float block_softmax_grad(const c10::BFloat16* x, const float* w, int64_t n, float lse, float a,
+                         float k, float scale, c10::BFloat16* g) {
+  return softmax_grad(x, w, n, lse, a, k, scale, g);
 }
 double block_softmax_grad(const double* x, const double* w, int64_t n, double lse, double a,
                           double k, double scale, double* g) {
@@ -328,27 +401,6 @@ FL_MULTIVERSION void to_acc(const c10::BFloat16* s, int64_t n, float* d) { to_ac
 FL_MULTIVERSION void to_acc(const c10::Half* s, int64_t n, float* d) { to_acc_impl(s, n, d); }
 FL_MULTIVERSION void from_acc(const float* s, int64_t n, c10::BFloat16* d) { from_acc_impl(s, n, d); }
 FL_MULTIVERSION void from_acc(const float* s, int64_t n, c10::Half* d) { from_acc_impl(s, n, d); }
-
-// The softmax gradient of bf16 rows read and written in place, fp32 math as in
-// block_softmax_grad's float version and the same rounding to bf16 as from_acc; the sum of p in
-// lane arrays as lane_sum. (x == g is allowed: each element is read before it is written.)
-FL_MULTIVERSION float block_softmax_grad(const c10::BFloat16* x, const float* w, int64_t n,
-                                         float lse, float a, float k, float scale,
-                                         c10::BFloat16* g) {
-  uint16_t* out = reinterpret_cast<uint16_t*>(g);
-  if (w == nullptr) {
-    return lane_sum<float>(n, [&](int64_t i) {
-      const float p = fast_exp_le88(bf16_to_float(x[i]) - lse);
-      out[i] = float_to_bf16_bits(scale * (p * a - k));
-      return p;
-    });
-  }
-  return lane_sum<float>(n, [&](int64_t i) {
-    const float p = fast_exp_le88(bf16_to_float(x[i]) - lse);
-    out[i] = float_to_bf16_bits(scale * (p * a - k * w[i]));
-    return p;
-  });
-}
 
 FL_MULTIVERSION void tile_max(const float* x, int64_t n, float* m) { tile_max_impl(x, n, m); }
 void tile_max(const double* x, int64_t n, double* m) { tile_max_impl(x, n, m); }

@@ -256,12 +256,13 @@ def test_confident_rows_elementwise(backend, margin):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_exp_ulps(dtype):
-    """The C++ exp of the log-sum-exp sums, element by element: a row whose target logit is 0
+def test_cpu_lse_exp_ulps(dtype):
+    """The C++ exp of the forward's log-sum-exp sums, element by element: a row whose target logit is 0
     and leads every other class by more than 17.5, all -inf but one d, has the loss
     log1p(exp(d)) (rows.h's confident path), exp(d) to 1e-8. Over fp32's (and bf16's) d in
-    [-87.33, -17.5], at every position of 64 classes: within 2 ulp of float64. The other
-    cross-entropy tests compare at 1e-4 or sums and would pass an exp some ulps off."""
+    [-87.33, -17.5], at every position of 64 classes: within 2 ulp of float64. (The loss tests
+    compare at 1e-4 or sums and would pass an exp some ulps off; test_cpu_softmax_exp_ulps
+    checks the backward's.)"""
     g = torch.Generator().manual_seed(0)
     n, C = 100000, 65
     lo = -87.33 if dtype == torch.float32 else -87.0  # (bf16's neighbours: -87.5, -87.0)
@@ -275,6 +276,31 @@ def test_cpu_exp_ulps(dtype):
     err = (loss.double() - want).abs()
     bad = err > 2 * 2.0**-23 * want
     assert not bad.any(), (d[bad][:5], (err / want)[bad][:5] / 2.0**-23)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cpu_bf16_gradient_rounding(label_smoothing):
+    """The bf16 gradient, computed in fp32 from bf16 rows read in place, is that fp32 gradient
+    rounded as torch's .to(bfloat16) rounds (to nearest, ties to even), bit for bit (NaN: NaN;
+    torch's vectorised conversion gives 0xFFFF, its scalar one 0x7FC0, ours 0x7FC0):
+    the same backward over the same logits in fp32, given the same lse, then rounded by torch.
+    4M elements give ~50 exact ties; the tolerance-based tests would pass any rounding."""
+    g = torch.Generator().manual_seed(0)
+    n, C = 256, 16384
+    x = torch.randn(n, C, generator=g).bfloat16()
+    x[3, 100] = float("nan")
+    t = torch.randint(0, C, (n,), generator=g)
+    args = (t, None, -100, label_smoothing, 0.0)
+    _, lse = torch.ops.fusedloss.cross_entropy_fwd(x.view(n, C, 1), *args)
+    scale = torch.rand(n, generator=g) + 0.5
+    ours = torch.ops.fusedloss.cross_entropy_bwd(scale, x.view(n, C, 1), t, lse, *args[1:])
+    fp32 = torch.ops.fusedloss.cross_entropy_bwd(scale, x.float().view(n, C, 1), t, lse, *args[1:])
+    assert ours.dtype == torch.bfloat16 and fp32.dtype == torch.float32
+    assert ((fp32.view(torch.int32) & 0xFFFF) == 0x8000).sum() > 10  # ties are exercised
+    want = fp32.bfloat16()
+    assert ours.view(n, C)[3].isnan().all()
+    bad = (ours.view(torch.int16) != want.view(torch.int16)) & ~(ours.isnan() & want.isnan())
+    assert not bad.any(), (ours[bad][:5], fp32[bad][:5])
 
 
 def test_confident_bf16_no_worse_than_torch(backend):
