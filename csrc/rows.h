@@ -71,7 +71,8 @@ template <typename T>
 __attribute__((always_inline)) inline RowStats<T> row_finish(T m, T S, T x_y) {
   const T e_y = fast_exp(x_y - m);
   const T s = S + e_y;
-  const T lse = m + fast_log(s);
+  // (fast_log(NaN) is finite garbage: a NaN logit must give a NaN lse, and so a NaN gradient row)
+  const T lse = s != s ? s : m + fast_log(s);
   const bool near = e_y > T(8.673617379884035e-19);  // 2^-60
   const T nll = near ? fast_log1p(S / (near ? e_y : T(1))) : lse - x_y;
   return {lse, nll, S / s};

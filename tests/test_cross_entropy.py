@@ -135,6 +135,30 @@ def test_cpu_softmax_exp_ulps():
     assert err <= 2.0 * 2.0**-23, f"exp off by {err / 2.0**-23:.2f} ulp (relative to 2^-23)"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spatial", [False, True])
+def test_nan_logit_poisons_its_row(backend, dtype, spatial):
+    """A NaN logit makes its row's loss and its row's whole gradient NaN, as torch's, and leaves
+    the other rows alone (a gradient of zeros or of finite garbage there would pass a GradScaler's
+    inf/NaN check and be applied)."""
+    x = randn(6, 40, dtype=dtype, device=backend.device)
+    x[2, 7] = float("nan")
+    t = torch.tensor([0, 5, 3, 2, 39, 7], device=backend.device)
+    if spatial:  # the same rows as the pixels of one (1, 40, 6) image
+        x, t = x.t().unsqueeze(0), t.unsqueeze(0)
+    xa = x.detach().clone().requires_grad_(True)
+    out = cross_entropy(xa, t, reduction="none")
+    (g,) = torch.autograd.grad(out.sum(), xa)
+    xt = x.detach().clone().requires_grad_(True)
+    want = F.cross_entropy(xt, t, reduction="none")
+    (gt,) = torch.autograd.grad(want.sum(), xt)
+    if spatial:
+        out, want, g, gt = out[0], want[0], g[0].t(), gt[0].t()
+    assert out.isnan().tolist() == want.isnan().tolist() == [False, False, True] + [False] * 3
+    assert g.isnan().all(1).tolist() == gt.isnan().all(1).tolist() == [False, False, True] + [False] * 3
+    assert not g[[0, 1, 3, 4, 5]].isnan().any()
+
+
 @pytest.mark.parametrize("V", [2, 7, 1000, 32000, 50257])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_vocab_sizes(backend, V, dtype):
