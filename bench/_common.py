@@ -228,10 +228,23 @@ def machine(device) -> dict:
     return {"isa": isa, "threads": torch.get_num_threads(), "thp": "on" if thp else "off"}
 
 
+def _cpu_model() -> str:
+    """'AMD EPYC (family 25 model 1)' from /proc/cpuinfo (the model name alone does not tell a
+    Zen 3 from a Zen 4), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
+                        if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        return f"{info['model name']} (family {info['cpu family']} model {info['model']})"
+    except (OSError, KeyError):
+        return platform.processor() or platform.machine()
+
+
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    return f"{_cpu_model()} x{torch.get_num_threads()} threads"
 
 
 def run(loss: str, cases, providers: dict, nbytes, args) -> list:
