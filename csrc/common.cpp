@@ -160,7 +160,8 @@ struct Lanes {
 // e^r = 1 + r + c2 r^2 + c3 r^3 (minimax, relative error 2.7e-8 on that range), folded as
 // t + (t r) q with t = 2^k 2^(j/8): 7 multiply-adds and a shorter chain than fast_exp's 10. At
 // most 1.6 ulp against double exp over every 7th fp32 d in [-87.33, 88.7] (fast_exp: 1.06).
-// d < -87.33 (below FLT_MIN, -inf) gives 0; NaN stays NaN.
+// d < -87.33 (below FLT_MIN, -inf) gives 0; NaN stays NaN. (Vectors pass by reference here and
+// below: by value GCC warns, -Wpsabi, that their ABI differs without AVX, though all is inlined.)
 template <int W>
 FL_ALWAYS_INLINE void exp_lanes(const typename Lanes<W>::F& d, typename Lanes<W>::F& out) {
   using F = typename Lanes<W>::F;
