@@ -200,6 +200,15 @@ FL_ALWAYS_INLINE void load_lanes(const c10::BFloat16* x, typename Lanes<W>::F& a
   b = (typename Lanes<W>::F)(u & 0xffff0000u);
 }
 
+// The total of two W-lane accumulators, added pairwise across the lanes.
+template <int W>
+FL_ALWAYS_INLINE float lanes_total(const typename Lanes<W>::F& s0, const typename Lanes<W>::F& s1) {
+  float lanes[W];
+  const typename Lanes<W>::F s = s0 + s1;
+  std::memcpy(lanes, &s, sizeof(lanes));
+  return pairwise_sum(lanes, W);
+}
+
 // sum_i exp(x[i] - shift) and, if mx, max_i x[i] into *mx; W lanes, two accumulators.
 template <int W, bool kMax, typename X>
 FL_ALWAYS_INLINE float lse_sum_lanes(const X* x, int64_t n, float shift, float* mx) {
@@ -226,15 +235,12 @@ FL_ALWAYS_INLINE float lse_sum_lanes(const X* x, int64_t n, float shift, float* 
     s += fast_exp_le88(v - shift);
     m = v > m ? v : m;
   }
-  float lanes[W];
-  s0 += s1;
-  std::memcpy(lanes, &s0, sizeof(lanes));
   if (kMax) {
     for (int j = 0; j < W; ++j) m = m0[j] > m ? m0[j] : m;
     for (int j = 0; j < W; ++j) m = m1[j] > m ? m1[j] : m;
     *mx = m;
   }
-  return pairwise_sum(lanes, W) + s;
+  return lanes_total<W>(s0, s1) + s;
 }
 
 // fp32 bits -> bf16 bits (round to nearest even, NaN kept quiet), as float_to_bf16_bits per lane.
@@ -281,10 +287,7 @@ FL_ALWAYS_INLINE float softmax_grad_lanes(const X* x, int64_t n, float lse, floa
     s += p;
     store_float(scale * (p * a - k), g + i);
   }
-  float lanes[W];
-  s0 += s1;
-  std::memcpy(lanes, &s0, sizeof(lanes));
-  return pairwise_sum(lanes, W) + s;
+  return lanes_total<W>(s0, s1) + s;
 }
 
 // The same with fast_exp (CPUs without AVX2, other compilers); bf16 widened in place, in lane
@@ -372,7 +375,7 @@ FL_ALWAYS_INLINE float softmax_grad_at(const X* x, const float* w, int64_t n, fl
                           float a, float k, float scale, c10::BFloat16* g) {                    \
     return softmax_grad_at<W>(x, w, n, lse, a, k, scale, g);                                    \
   }
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#ifdef FL_X86_GCC
 FL_ROW_SUMS(__attribute__((target("default"))), 0)
 FL_ROW_SUMS(__attribute__((target("arch=x86-64-v3"))), 8)
 #ifndef FL_MAX_ISA_AVX2
@@ -431,7 +434,9 @@ void tile_dot(const double* x, int64_t n, double wc, double* d) { tile_dot_impl(
 
 template <> float block_max(const float* x, int64_t n) { return max_f(x, n); }
 template <> double block_max(const double* x, int64_t n) { return max_impl(x, n); }
-template <> float block_sum_exp(const float* x, int64_t n, float s) { return lse_sum(x, n, s, nullptr); }
+template <> float block_sum_exp(const float* x, int64_t n, float s) {
+  return lse_sum(x, n, s, nullptr);
+}
 template <> double block_sum_exp(const double* x, int64_t n, double s) { return sum_exp_impl(x, n, s); }
 template <> float block_sum_exp_max(const float* x, int64_t n, float s, float* mx) {
   return lse_sum(x, n, s, mx);
@@ -439,7 +444,9 @@ template <> float block_sum_exp_max(const float* x, int64_t n, float s, float* m
 float block_sum_exp_max(const c10::BFloat16* x, int64_t n, float s, float* mx) {
   return lse_sum(x, n, s, mx);
 }
-float block_sum_exp(const c10::BFloat16* x, int64_t n, float s) { return lse_sum(x, n, s, nullptr); }
+float block_sum_exp(const c10::BFloat16* x, int64_t n, float s) {
+  return lse_sum(x, n, s, nullptr);
+}
 template <> double block_sum_exp_max(const double* x, int64_t n, double s, double* mx) {
   return sum_exp_max_impl(x, n, s, mx);
 }

@@ -29,6 +29,7 @@ constexpr int64_t kBlock = 1024;
 // of fast_exp/fast_log was a separate multiply and add (fp32 cross-entropy forward 4096x32000,
 // AVX2 code on this machine: 97-102 ms with FMA vs 118-127 ms without).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FL_X86_GCC 1  // per-ISA bodies (here and common.cpp's function multiversioning)
 // flatten: everything a clone calls (fast_exp, fast_log, the per-block templates) is inlined into
 // it, so compiled for its ISA and vectorised with it; left to gcc's inliner, such calls stay out
 // of line (baseline x86-64, a scalar loop) once a file has many instantiations.
