@@ -160,28 +160,43 @@ struct Lanes {
 // e^r = 1 + r + c2 r^2 + c3 r^3 (minimax, relative error 2.7e-8 on that range), folded as
 // t + (t r) q with t = 2^k 2^(j/8): 7 multiply-adds and a shorter chain than fast_exp's 10. At
 // most 1.6 ulp against double exp over every 7th fp32 d in [-87.33, 88.7] (fast_exp: 1.06).
-// d < -87.33 (below FLT_MIN, -inf) gives 0; NaN stays NaN. (Vectors pass by reference here and
-// below: by value GCC warns, -Wpsabi, that their ABI differs without AVX, though all is inlined.)
+// exp_lanes gives 0 for d < -87.33 (below FLT_MIN, -inf); exp_lanes_masked leaves those lanes
+// unfinished and says which they are (`below`), for a sum that skips them in its add (one masked
+// add on AVX-512). NaN stays NaN. (Vectors pass by reference here and below: by value GCC warns,
+// -Wpsabi, that their ABI differs without AVX, though all is inlined.)
 template <int W>
-FL_ALWAYS_INLINE void exp_lanes(const typename Lanes<W>::F& d, typename Lanes<W>::F& out) {
+FL_ALWAYS_INLINE void exp_lanes_masked(const typename Lanes<W>::F& d, typename Lanes<W>::F& e,
+                                       typename Lanes<W>::I& below) {
   using F = typename Lanes<W>::F;
-  using I = typename Lanes<W>::I;
   using U = typename Lanes<W>::U;
   constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: t holds n in its low mantissa bits
   constexpr float kTable[8] = {1.0f, 1.0905077457f, 1.1892070770f, 1.2968395948f,
                                1.4142135381f, 1.5422108173f, 1.6817928553f, 1.8340080976f};
-  F table;
-  for (int i = 0; i < W; ++i) table[i] = kTable[i & 7];
+  // The table holds 2^(j/8)'s bits less j << 20, so that adding n << 20 = (k << 23) + (j << 20)
+  // to an entry gives 2^k 2^(j/8) in one shift and one add (n >> 3 << 23 is two shifts).
+  U table;
+  for (int i = 0; i < W; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &kTable[i & 7], sizeof(bits));
+    table[i] = bits - (uint32_t(i & 7) << 20);
+  }
   const F t = d * 11.541560173f + kShift;  // 8 / ln2
   const F n = t - kShift;
   F r = d - n * 0.086669921875f;  // ln2/8 = 0.086669921875 - 2.6524305e-5 (n * hi is exact)
   r = r - n * -2.6524305e-05f;
+  // t's bits are 0x4B400000 + n, whose low 12 bits are n's (|n| < 2^11): tb << 20 = n << 20.
   const U tb = (U)t;
-  const F tj = __builtin_shuffle(table, (I)tb);  // 2^(j/8), j = n mod 8
-  const F tk = (F)((U)tj + ((tb >> 3) << 23));  // * 2^k, k = floor(n / 8) >= -126: normal
+  const U tj = __builtin_shuffle(table, tb);  // j = n mod 8 (vpermps: index modulo W)
+  const F tk = (F)(tj + (tb << 20));          // 2^k 2^(j/8), k = floor(n / 8) >= -126: normal
   const F q = (r * 0.16664202511f + 0.50006735325f) * r + 1.0f;
-  const F e = (tk * r) * q + tk;
-  out = (F)((I)e & ~(I)(d < -87.33f));  // (NaN: the comparison fails, e is kept)
+  e = (tk * r) * q + tk;
+  below = d < -87.33f;  // (NaN: the comparison fails, e is kept)
+}
+template <int W>
+FL_ALWAYS_INLINE void exp_lanes(const typename Lanes<W>::F& d, typename Lanes<W>::F& out) {
+  typename Lanes<W>::I below;
+  exp_lanes_masked<W>(d, out, below);
+  out = (typename Lanes<W>::F)((typename Lanes<W>::I)out & ~below);
 }
 
 // Two vectors of W fp32 values from 2W elements: consecutive for float; for bf16 the even and the
@@ -219,11 +234,12 @@ FL_ALWAYS_INLINE float lse_sum_lanes(const X* x, int64_t n, float shift, float* 
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
     F a, b, ea, eb;
+    typename Lanes<W>::I za, zb;
     load_lanes<W>(x + i, a, b);
-    exp_lanes<W>(a - shift, ea);
-    exp_lanes<W>(b - shift, eb);
-    s0 += ea;
-    s1 += eb;
+    exp_lanes_masked<W>(a - shift, ea, za);
+    exp_lanes_masked<W>(b - shift, eb, zb);
+    s0 = za ? s0 : s0 + ea;
+    s1 = zb ? s1 : s1 + eb;
     if (kMax) {
       m0 = a > m0 ? a : m0;
       m1 = b > m1 ? b : m1;
