@@ -268,6 +268,18 @@ FL_ALWAYS_INLINE void bf16_bits_lanes(const typename Lanes<W>::F& f, typename La
   out = (((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) & ~nan) | (nan & 0x7FC0u);
 }
 
+// Two vectors of fp32 bits rounded to bf16 (to nearest even) as one vector of pairs, the even
+// elements in the low halves (load_lanes' order), without bf16_bits_lanes' NaN case: for a NaN
+// whose low 16 bits are 0, as every NaN from bf16 logits is (operations keep an operand NaN's
+// payload, and x86's own NaN is 0xFFC00000), the bias does not carry and the result is a NaN.
+template <int W>
+FL_ALWAYS_INLINE void bf16_pairs_lanes(const typename Lanes<W>::U& ea, const typename Lanes<W>::U& od,
+                                       typename Lanes<W>::U& out) {
+  const auto ra = (ea + 0x7FFFu + ((ea >> 16) & 1u)) >> 16;
+  const auto rb = (od + 0x7FFFu + ((od >> 16) & 1u)) & 0xFFFF0000u;
+  out = ra | rb;
+}
+
 // The softmax gradient without class weights: g = scale * (a exp(x - lse) - k), W lanes; returns
 // the sum of exp(x - lse). bf16 rows read and written in place (x == g allowed: each pair of
 // elements is read before it is written).
@@ -276,6 +288,9 @@ FL_ALWAYS_INLINE float softmax_grad_lanes(const X* x, int64_t n, float lse, floa
                                           float scale, X* g) {
   using F = typename Lanes<W>::F;
   using U = typename Lanes<W>::U;
+  // With lse and the factors finite, g's NaNs are x's or x86's own (see bf16_pairs_lanes).
+  const bool finite =
+      std::isfinite(lse) && std::isfinite(a) && std::isfinite(k) && std::isfinite(scale);
   F s0 = {}, s1 = {};
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
@@ -290,10 +305,15 @@ FL_ALWAYS_INLINE float softmax_grad_lanes(const X* x, int64_t n, float lse, floa
       std::memcpy(g + i, &ga, sizeof(ga));
       std::memcpy(g + i + W, &gb, sizeof(gb));
     } else {
-      U ra, rb;
-      bf16_bits_lanes<W>(ga, ra);
-      bf16_bits_lanes<W>(gb, rb);
-      const U pair = ra | (rb << 16);  // the even elements in the low halves (load_lanes)
+      U pair;
+      if (finite) {
+        bf16_pairs_lanes<W>((U)ga, (U)gb, pair);
+      } else {
+        U ra, rb;
+        bf16_bits_lanes<W>(ga, ra);
+        bf16_bits_lanes<W>(gb, rb);
+        pair = ra | (rb << 16);
+      }
       std::memcpy(g + i, &pair, sizeof(pair));
     }
   }

@@ -316,6 +316,8 @@ def test_cpu_bf16_gradient_rounding(label_smoothing):
     t = torch.randint(0, C, (n,), generator=g)
     args = (t, None, -100, label_smoothing, 0.0)
     _, lse = torch.ops.fusedloss.cross_entropy_fwd(x.view(n, C, 1), *args)
+    # A NaN and a +inf logit under a finite lse (the kernels' NaN-free rounding): NaN there only
+    x[7, 200], x[9, 300] = float("nan"), float("inf")
     scale = torch.rand(n, generator=g) + 0.5
     ours = torch.ops.fusedloss.cross_entropy_bwd(scale, x.view(n, C, 1), t, lse, *args[1:])
     fp32 = torch.ops.fusedloss.cross_entropy_bwd(scale, x.float().view(n, C, 1), t, lse, *args[1:])
@@ -323,6 +325,9 @@ def test_cpu_bf16_gradient_rounding(label_smoothing):
     assert ((fp32.view(torch.int32) & 0xFFFF) == 0x8000).sum() > 10  # ties are exercised
     want = fp32.bfloat16()
     assert ours.view(n, C)[3].isnan().all()
+    # (and at the target, whose gradient sums the row's p)
+    nan = ours.view(n, C).isnan()
+    assert nan.sum() == C + 4 and nan[7, 200] and nan[9, 300] and nan[7, t[7]] and nan[9, t[9]]
     bad = (ours.view(torch.int16) != want.view(torch.int16)) & ~(ours.isnan() & want.isnan())
     assert not bad.any(), (ours[bad][:5], fp32[bad][:5])
 
