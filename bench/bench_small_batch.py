@@ -4,7 +4,9 @@ Providers are interleaved: each round times a block of calls of torch, then of f
 ratio is the median over rounds of the per-round ratios (a slow spell hits both sides of a round).
 At this size a loss's time is Python, dispatch and autograd overhead.
 
-    python bench/bench_small_batch.py [label] [--rounds R] [--calls N]
+    python bench/bench_small_batch.py [label] [--rounds R] [--calls N] [--shape NxC]
+
+--shape times another batch (64x64: a few thousand elements, where fusedloss should already win).
 """
 import argparse
 import statistics
@@ -47,15 +49,17 @@ def main():
     p.add_argument("label", nargs="?", default="")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=1000)
+    p.add_argument("--shape", default="32x10", help="NxC (default 32x10)")
     args = p.parse_args()
+    n, c = (int(v) for v in args.shape.lower().split("x"))
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(32, 10, generator=g)
-    t = torch.randint(0, 10, (32,), generator=g)
-    y = torch.rand(32, 10, generator=g)
-    pw = torch.rand(10, generator=g) + 0.5
-    q = torch.softmax(torch.randn(32, 10, generator=g), 1)
-    teacher = torch.randn(32, 10, generator=g)
+    x0 = torch.randn(n, c, generator=g)
+    t = torch.randint(0, c, (n,), generator=g)
+    y = torch.rand(n, c, generator=g)
+    pw = torch.rand(c, generator=g) + 0.5
+    q = torch.softmax(torch.randn(n, c, generator=g), 1)
+    teacher = torch.randn(n, c, generator=g)
     cases = [("cross_entropy", F.cross_entropy, FL.cross_entropy, t),
              ("cross_entropy_ls", lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1),
               lambda x, t: FL.cross_entropy(x, t, label_smoothing=0.1), t),
@@ -81,7 +85,7 @@ def main():
         ratio = statistics.median(y / x for x, y in zip(a, b))
         out.append(f"{name} torch={statistics.median(a):.0f}us "
                    f"fusedloss={statistics.median(b):.0f}us ratio={ratio:.2f}")
-    print(args.label, " | ".join(out), flush=True)
+    print(args.label, args.shape, " | ".join(out), flush=True)
 
 
 if __name__ == "__main__":

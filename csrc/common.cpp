@@ -224,6 +224,16 @@ FL_ALWAYS_INLINE float lanes_total(const typename Lanes<W>::F& s0, const typenam
   return pairwise_sum(lanes, W);
 }
 
+// The last m < 2W elements of a row, copied into pad and padded with -inf, for one more pass of
+// the vector body (exp gives 0 there and the max is unchanged): a scalar tail costs a short row
+// (C = 33 to a few hundred classes) more than its vector part.
+template <int W, typename X>
+FL_ALWAYS_INLINE const X* padded_tail(const X* x, int64_t m, X* pad) {
+  std::fill_n(pad, 2 * W, X(-std::numeric_limits<float>::infinity()));
+  std::copy_n(x, m, pad);
+  return pad;
+}
+
 // sum_i exp(x[i] - shift) and, if mx, max_i x[i] into *mx; W lanes, two accumulators.
 template <int W, bool kMax, typename X>
 FL_ALWAYS_INLINE float lse_sum_lanes(const X* x, int64_t n, float shift, float* mx) {
@@ -231,11 +241,12 @@ FL_ALWAYS_INLINE float lse_sum_lanes(const X* x, int64_t n, float shift, float* 
   F s0 = {}, s1 = {}, m0 = {}, m1 = {};
   m0 -= std::numeric_limits<float>::infinity();
   m1 = m0;
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
+  X pad[2 * W];
+  for (int64_t i = 0; i < n; i += 2 * W) {
+    const X* xi = n - i >= 2 * W ? x + i : padded_tail<W>(x + i, n - i, pad);
     F a, b, ea, eb;
     typename Lanes<W>::I za, zb;
-    load_lanes<W>(x + i, a, b);
+    load_lanes<W>(xi, a, b);
     exp_lanes_masked<W>(a - shift, ea, za);
     exp_lanes_masked<W>(b - shift, eb, zb);
     s0 = za ? s0 : s0 + ea;
@@ -245,18 +256,13 @@ FL_ALWAYS_INLINE float lse_sum_lanes(const X* x, int64_t n, float shift, float* 
       m1 = b > m1 ? b : m1;
     }
   }
-  float s = 0, m = -std::numeric_limits<float>::infinity();
-  for (; i < n; ++i) {
-    const float v = to_float(x[i]);
-    s += fast_exp_le88(v - shift);
-    m = v > m ? v : m;
-  }
   if (kMax) {
+    float m = -std::numeric_limits<float>::infinity();
     for (int j = 0; j < W; ++j) m = m0[j] > m ? m0[j] : m;
     for (int j = 0; j < W; ++j) m = m1[j] > m ? m1[j] : m;
     *mx = m;
   }
-  return lanes_total<W>(s0, s1) + s;
+  return lanes_total<W>(s0, s1);
 }
 
 // fp32 bits -> bf16 bits (round to nearest even, NaN kept quiet), as float_to_bf16_bits per lane.
@@ -317,6 +323,7 @@ FL_ALWAYS_INLINE float softmax_grad_lanes(const X* x, int64_t n, float lse, floa
       std::memcpy(g + i, &pair, sizeof(pair));
     }
   }
+  // (a scalar tail: padding it as lse_sum_lanes does cost more here, three copies, than it saved)
   float s = 0;
   for (; i < n; ++i) {
     const float p = fast_exp_le88(to_float(x[i]) - lse);
