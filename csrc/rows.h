@@ -164,11 +164,14 @@ acc_t row_grad(const scalar_t* xr, int64_t sC, int64_t C, int64_t y, acc_t lse, 
 // as [images, C, P]: (N, C, D) with D > 1 is N images of D pixels (lanes 1 apart when the spatial
 // stride is 1); (N, C) is one image of N rows (lanes sN apart).
 constexpr int64_t kTile = 256;
-// (N, C) logits take tiles up to this many classes. Cross-entropy forward / backward, 256 and 4096
-// rows, one thread, AVX-512, tiles vs rows: 3-7x faster at C <= 16, forward 1.6-2x and backward
-// level at 32, forward level and backward 2x slower at 64 (the tile outgrows L1; a row of 64 is
-// long enough for the row path's own vector loops).
-constexpr int64_t kTileMaxC = 32;
+// (N, C) logits take tiles up to this many classes. Cross-entropy forward / backward, one thread,
+// AVX-512, tiles vs rows: 3-7x faster at C <= 16, forward 1.6-2x and backward level at 32 (first
+// measured); since rows pay a fixed cost per row and per segment around the target (2026-12-02,
+// the kernels alone, builds alternated): 128x40 forward 8.4-9.1 vs 21-25 us, backward 10-14 vs
+// 14-16; 4096x48 forward 211-230 vs 555-570, backward 316-324 vs 373; 1024x64 forward 98-111 vs
+// 142-152, backward level (104-112 vs 101); at C = 100-128 the tiles lose (backward 1.5x slower:
+// the tile outgrows L1), so rows from 65 classes on.
+constexpr int64_t kTileMaxC = 64;
 
 struct Tile {
   int64_t r0, S;      // first row (n * D + d) and lanes
