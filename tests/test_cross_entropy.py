@@ -674,11 +674,12 @@ def test_whole_loss_op_checks_its_arguments():
 
 
 @pytest.mark.parametrize("layout", ["rows", "pixels", "strided"])
-@pytest.mark.parametrize("C", [3, 64, 65])
+@pytest.mark.parametrize("C", [3, 64, 65, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tiles_and_rows(layout, C, dtype):
     """The C++ kernels sweep tiles of rows (one lane per row) for (N, C) with C <= 64 and for
-    unit-stride pixels, and rows otherwise: both against float64 with every option on, more rows
+    unit-stride pixels, and rows otherwise (C = 65: through the row buffer in forward and
+    backward; C = 200: buffered forward, in-place backward): both against float64 with every option on, more rows
     than one tile (256) so that tiles end mid-way, a per-row grad_output, ignored rows, and the
     in-place backward."""
     n = 300 if layout == "rows" else 2
