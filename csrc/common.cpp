@@ -265,13 +265,19 @@ FL_ALWAYS_INLINE float lse_sum_lanes(const X* x, int64_t n, float shift, float* 
   return lanes_total<W>(s0, s1);
 }
 
+// fp32 bits plus the round-to-nearest-even bias: the high 16 bits are the bf16 bits (NaN aside).
+template <int W>
+FL_ALWAYS_INLINE void bf16_biased_lanes(const typename Lanes<W>::U& u, typename Lanes<W>::U& out) {
+  out = u + 0x7FFFu + ((u >> 16) & 1u);
+}
+
 // fp32 bits -> bf16 bits (round to nearest even, NaN kept quiet), as float_to_bf16_bits per lane.
 template <int W>
 FL_ALWAYS_INLINE void bf16_bits_lanes(const typename Lanes<W>::F& f, typename Lanes<W>::U& out) {
   using U = typename Lanes<W>::U;
-  const U u = (U)f;
   const U nan = (U)(f != f);
-  out = (((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) & ~nan) | (nan & 0x7FC0u);
+  bf16_biased_lanes<W>((U)f, out);
+  out = ((out >> 16) & ~nan) | (nan & 0x7FC0u);
 }
 
 // Two vectors of fp32 bits rounded to bf16 (to nearest even) as one vector of pairs, the even
@@ -281,9 +287,10 @@ FL_ALWAYS_INLINE void bf16_bits_lanes(const typename Lanes<W>::F& f, typename La
 template <int W>
 FL_ALWAYS_INLINE void bf16_pairs_lanes(const typename Lanes<W>::U& ea, const typename Lanes<W>::U& od,
                                        typename Lanes<W>::U& out) {
-  const auto ra = (ea + 0x7FFFu + ((ea >> 16) & 1u)) >> 16;
-  const auto rb = (od + 0x7FFFu + ((od >> 16) & 1u)) & 0xFFFF0000u;
-  out = ra | rb;
+  typename Lanes<W>::U ra, rb;
+  bf16_biased_lanes<W>(ea, ra);
+  bf16_biased_lanes<W>(od, rb);
+  out = (ra >> 16) | (rb & 0xFFFF0000u);
 }
 
 // The softmax gradient without class weights: g = scale * (a exp(x - lse) - k), W lanes; returns

@@ -94,7 +94,8 @@ RowStats<acc_t> row_stats(const scalar_t* xr, int64_t sC, int64_t C, int64_t y, 
   const acc_t x_y = static_cast<acc_t>(xr[y * sC]);
   OnlineLSE<acc_t> acc;  // over j != y, seeded with m = x_y so that e_y <= 1
   acc.m = x_y;
-  // fp32 and bf16 rows (bf16 without label smoothing's dot) are read in place, no copy into buf
+  // Longer fp32 and bf16 rows (bf16 without label smoothing's dot) are read in place, no copy
+  // into buf
   constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
   if constexpr (std::is_same_v<scalar_t, acc_t> || kBf16) {
     if (sC == 1 && C > kStatsBufferMaxC && !(kBf16 && swx)) {  // the classes before and after y
@@ -142,7 +143,7 @@ template <typename scalar_t, typename acc_t>
 acc_t row_grad(const scalar_t* xr, int64_t sC, int64_t C, int64_t y, acc_t lse, acc_t a, acc_t k,
                const acc_t* w, acc_t scale, scalar_t* gr, int64_t gC, acc_t* buf, acc_t* gbuf) {
   acc_t q = 0;
-  // fp32 and bf16 rows read and written in place, no copies
+  // Longer fp32 and bf16 rows read and written in place, no copies
   if constexpr (std::is_same_v<scalar_t, acc_t> || std::is_same_v<scalar_t, c10::BFloat16>) {
     if (sC == 1 && gC == 1 && C > kGradBufferMaxC) {  // the classes before and after y
       for (const auto& [lo, hi] : {std::pair<int64_t, int64_t>{0, y}, {y + 1, C}}) {

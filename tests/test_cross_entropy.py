@@ -679,9 +679,9 @@ def test_whole_loss_op_checks_its_arguments():
 def test_tiles_and_rows(layout, C, dtype):
     """The C++ kernels sweep tiles of rows (one lane per row) for (N, C) with C <= 64 and for
     unit-stride pixels, and rows otherwise (C = 65: through the row buffer in forward and
-    backward; C = 200: buffered forward, in-place backward): both against float64 with every option on, more rows
-    than one tile (256) so that tiles end mid-way, a per-row grad_output, ignored rows, and the
-    in-place backward."""
+    backward; C = 200: buffered forward, in-place backward): both against float64 with every
+    option on, more rows than one tile (256) so that tiles end mid-way, a per-row grad_output,
+    ignored rows, and the in-place backward."""
     n = 300 if layout == "rows" else 2
     shape = (n, C) if layout == "rows" else (n, C, 150)
     x = randn(*shape, dtype=dtype)
