@@ -293,6 +293,29 @@ FL_ALWAYS_INLINE void bf16_pairs_lanes(const typename Lanes<W>::U& ea, const typ
   out = (ra >> 16) | (rb & 0xFFFF0000u);
 }
 
+// Two vectors of fp32 values stored as 2W elements, in load_lanes' order. finite: every NaN of
+// ga and gb comes from a bf16 input or from x86 itself (bf16_pairs_lanes' condition).
+template <int W, typename X>
+FL_ALWAYS_INLINE void store_lanes(const typename Lanes<W>::F& ga, const typename Lanes<W>::F& gb,
+                                  bool finite, X* g) {
+  using U = typename Lanes<W>::U;
+  if constexpr (std::is_same_v<X, float>) {
+    std::memcpy(g, &ga, sizeof(ga));
+    std::memcpy(g + W, &gb, sizeof(gb));
+  } else {
+    U pair;
+    if (finite) {
+      bf16_pairs_lanes<W>((U)ga, (U)gb, pair);
+    } else {
+      U ra, rb;
+      bf16_bits_lanes<W>(ga, ra);
+      bf16_bits_lanes<W>(gb, rb);
+      pair = ra | (rb << 16);
+    }
+    std::memcpy(g, &pair, sizeof(pair));
+  }
+}
+
 // The softmax gradient without class weights: g = scale * (a exp(x - lse) - k), W lanes; returns
 // the sum of exp(x - lse). bf16 rows read and written in place (x == g allowed: each pair of
 // elements is read before it is written).
@@ -300,7 +323,6 @@ template <int W, typename X>
 FL_ALWAYS_INLINE float softmax_grad_lanes(const X* x, int64_t n, float lse, float a, float k,
                                           float scale, X* g) {
   using F = typename Lanes<W>::F;
-  using U = typename Lanes<W>::U;
   // With lse and the factors finite, g's NaNs are x's or x86's own (see bf16_pairs_lanes).
   const bool finite =
       std::isfinite(lse) && std::isfinite(a) && std::isfinite(k) && std::isfinite(scale);
@@ -313,22 +335,7 @@ FL_ALWAYS_INLINE float softmax_grad_lanes(const X* x, int64_t n, float lse, floa
     exp_lanes<W>(xb - lse, pb);
     s0 += pa;
     s1 += pb;
-    const F ga = scale * (pa * a - k), gb = scale * (pb * a - k);
-    if constexpr (std::is_same_v<X, float>) {
-      std::memcpy(g + i, &ga, sizeof(ga));
-      std::memcpy(g + i + W, &gb, sizeof(gb));
-    } else {
-      U pair;
-      if (finite) {
-        bf16_pairs_lanes<W>((U)ga, (U)gb, pair);
-      } else {
-        U ra, rb;
-        bf16_bits_lanes<W>(ga, ra);
-        bf16_bits_lanes<W>(gb, rb);
-        pair = ra | (rb << 16);
-      }
-      std::memcpy(g + i, &pair, sizeof(pair));
-    }
+    store_lanes<W>(scale * (pa * a - k), scale * (pb * a - k), finite, g + i);
   }
   // (a scalar tail: padding it as lse_sum_lanes does cost more here, three copies, than it saved)
   float s = 0;
@@ -389,6 +396,223 @@ FL_ALWAYS_INLINE float softmax_grad_portable(const X* x, const float* w, int64_t
   });
 }
 
+// ---- Row sweeps (rows.h): a tile of whole rows, one row at a time --------------------------------
+//
+// A row of 2W to kRowSweepMaxC classes is read in steps of 2W elements (load_lanes), twice from
+// L1: its max, then the sum of exp(x - max) without the target (or the gradient). The last C % 2W
+// elements are a step that ends at the row's end and overlaps the one before, its lanes already
+// done masked out, rather than a scalar tail or a padded copy. The row statistics are finished by
+// the caller, vectorised across rows (row_finish), not one scalar row at a time. Rows of at least
+// 2W classes (kRowSweepMinC); shorter ones are the class sweeps' (a padded copy per row was 2x
+// slower than those at C = 4 to 24: AVX-512, the kernels alone).
+
+// Element index, within a step, of each lane of load_lanes' two vectors.
+template <int W, typename X>
+FL_ALWAYS_INLINE void step_lanes(typename Lanes<W>::I& ia, typename Lanes<W>::I& ib) {
+  for (int j = 0; j < W; ++j) {
+    ia[j] = std::is_same_v<X, float> ? j : 2 * j;
+    ib[j] = std::is_same_v<X, float> ? W + j : 2 * j + 1;
+  }
+}
+
+// Horizontal max and sum of W lanes by halving: log2(W) shuffles (constant indices, j ^ h) and
+// operations, for a reduction per row.
+template <int W, int H, int... J>
+FL_ALWAYS_INLINE void lanes_swap(const typename Lanes<W>::F& v, std::integer_sequence<int, J...>,
+                                 typename Lanes<W>::F& out) {
+  out = __builtin_shuffle(v, typename Lanes<W>::I{(J ^ H)...});
+}
+template <int W, int H = W / 2>
+FL_ALWAYS_INLINE float lanes_hmax(const typename Lanes<W>::F& v) {
+  typename Lanes<W>::F p;
+  lanes_swap<W, H>(v, std::make_integer_sequence<int, W>{}, p);
+  const typename Lanes<W>::F m = p > v ? p : v;
+  if constexpr (H == 1) {
+    return m[0];
+  } else {
+    return lanes_hmax<W, H / 2>(m);
+  }
+}
+template <int W, int H = W / 2>
+FL_ALWAYS_INLINE float lanes_hsum(const typename Lanes<W>::F& v) {
+  typename Lanes<W>::F s;
+  lanes_swap<W, H>(v, std::make_integer_sequence<int, W>{}, s);
+  s += v;
+  if constexpr (H == 1) {
+    return s[0];
+  } else {
+    return lanes_hsum<W, H / 2>(s);
+  }
+}
+
+// The steps of a row of C >= 2W classes: `full` elements in whole steps from 0, then if
+// C % 2W != 0 the overlapping step at C - 2W (`tail`), whose lanes below `full` are done already.
+template <int W, typename X>
+struct RowSteps {
+  using F = typename Lanes<W>::F;
+  using I = typename Lanes<W>::I;
+  static constexpr int64_t K = 2 * W;
+  I ia, ib;
+  F new_a, new_b;  // the tail step's lanes: 1 where not done already, else 0
+  int64_t C, full, tail;
+  explicit RowSteps(int64_t classes) : C(classes) {
+    step_lanes<W, X>(ia, ib);
+    full = C / K * K;
+    tail = full < C ? C - K : -1;
+    // (a product, not a select: GCC 12 hoists a loop-invariant compare out of the loops and
+    // keeps its AVX-512 result as a vector, then selects with it one lane at a time)
+    for (int j = 0; j < W; ++j) {
+      new_a[j] = tail + ia[j] >= full ? 1.0f : 0.0f;
+      new_b[j] = tail + ib[j] >= full ? 1.0f : 0.0f;
+    }
+  }
+  // ea, eb (values in [0, 1] or NaN) of the step at o with class y's lane set to 0, and in the
+  // tail step the lanes done already (a NaN there was counted already).
+  template <bool kTail>
+  void drop(int64_t o, int32_t y, F& ea, F& eb) const {
+    const I yo = I{} + (y - static_cast<int32_t>(o));
+    ea = ia == yo ? F{} : ea;
+    eb = ib == yo ? F{} : eb;
+    if (kTail) {
+      ea *= new_a;
+      eb *= new_b;
+    }
+  }
+};
+
+// Per row r of n (row r at x + r ld, C classes): m[r] = its max and s[r] = the sum of exp(x - m)
+// over its classes other than tv[r] (tv < 0: all).
+template <int W, typename X>
+FL_ALWAYS_INLINE void rows_lse_lanes(const X* x, int64_t ld, int64_t C, int64_t n, const float* tv,
+                                     float* m_out, float* s_out) {
+  using F = typename Lanes<W>::F;
+  using I = typename Lanes<W>::I;
+  const RowSteps<W, X> R(C);
+  for (int64_t r = 0; r < n; ++r) {
+    const X* xr = x + r * ld;
+    F m0 = {}, m1 = {}, a, b;
+    m0 -= std::numeric_limits<float>::infinity();
+    m1 = m0;
+    for (int64_t o = 0; o < R.full; o += R.K) {
+      load_lanes<W>(xr + o, a, b);
+      m0 = a > m0 ? a : m0;
+      m1 = b > m1 ? b : m1;
+    }
+    F ta = {}, tb = {};
+    if (R.tail >= 0) {
+      load_lanes<W>(xr + R.tail, ta, tb);
+      m0 = ta > m0 ? ta : m0;
+      m1 = tb > m1 ? tb : m1;
+    }
+    const float mx = lanes_hmax<W>(m0 > m1 ? m0 : m1);
+    const int32_t y = static_cast<int32_t>(tv[r]);
+    F s0 = {}, s1 = {}, ea, eb;
+    I za, zb;
+    for (int64_t o = 0; o < R.full; o += R.K) {
+      load_lanes<W>(xr + o, a, b);
+      exp_lanes_masked<W>(a - mx, ea, za);
+      exp_lanes_masked<W>(b - mx, eb, zb);
+      R.template drop<false>(o, y, ea, eb);
+      s0 = za ? s0 : s0 + ea;
+      s1 = zb ? s1 : s1 + eb;
+    }
+    if (R.tail >= 0) {
+      exp_lanes_masked<W>(ta - mx, ea, za);
+      exp_lanes_masked<W>(tb - mx, eb, zb);
+      R.template drop<true>(R.tail, y, ea, eb);
+      s0 = za ? s0 : s0 + ea;
+      s1 = zb ? s1 : s1 + eb;
+    }
+    m_out[r] = mx;
+    s_out[r] = lanes_hsum<W>(s0 + s1);
+  }
+}
+
+// Per row r of n with tv[r] >= 0: g = a[r] p - b[r] w (b null: no such term; w null: w = 1) with
+// p = exp(x - lse[r]), written through g + r gld (gld may be ld and g x: in place), and q[r] = the
+// sum of p over the classes other than tv[r]; the target column is left to the caller. Rows with
+// tv[r] < 0 are not written (q[r] = 0). w only with float rows.
+template <int W, typename X>
+FL_ALWAYS_INLINE void rows_grad_lanes(const X* x, int64_t ld, int64_t C, int64_t n, const float* tv,
+                                      const float* lse, const float* a, const float* b,
+                                      const float* w, X* g, int64_t gld, float* q) {
+  using F = typename Lanes<W>::F;
+  const RowSteps<W, X> R(C);
+  for (int64_t r = 0; r < n; ++r) {
+    q[r] = 0;
+    const int32_t y = static_cast<int32_t>(tv[r]);
+    if (y < 0) continue;
+    const float l = lse[r], ar = a[r], br = b ? b[r] : 0.0f;
+    const bool finite = std::isfinite(l) && std::isfinite(ar) && std::isfinite(br);
+    const X* xr = x + r * ld;
+    X* gr = g + r * gld;
+    // The overlapping step is read before any store: in place, the steps before it overwrite
+    // some of its elements (with the values it stores again).
+    F ta = {}, tb = {};
+    if (R.tail >= 0) load_lanes<W>(xr + R.tail, ta, tb);
+    F q0 = {}, q1 = {}, xa, xb, pa, pb, wa = {}, wb;
+    wa += 1.0f;
+    wb = wa;
+    for (int64_t o = 0; o < R.full; o += R.K) {
+      load_lanes<W>(xr + o, xa, xb);
+      exp_lanes<W>(xa - l, pa);
+      exp_lanes<W>(xb - l, pb);
+      if (w) load_lanes<W>(w + o, wa, wb);
+      store_lanes<W>(ar * pa - br * wa, ar * pb - br * wb, finite, gr + o);
+      R.template drop<false>(o, y, pa, pb);
+      q0 += pa;
+      q1 += pb;
+    }
+    if (R.tail >= 0) {
+      exp_lanes<W>(ta - l, pa);
+      exp_lanes<W>(tb - l, pb);
+      if (w) load_lanes<W>(w + R.tail, wa, wb);
+      store_lanes<W>(ar * pa - br * wa, ar * pb - br * wb, finite, gr + R.tail);
+      R.template drop<true>(R.tail, y, pa, pb);
+      q0 += pa;
+      q1 += pb;
+    }
+    q[r] = lanes_hsum<W>(q0 + q1);
+  }
+}
+
+// The same with fast_exp (CPUs without AVX2, other compilers), row by row.
+template <typename X>
+FL_ALWAYS_INLINE void rows_lse_portable(const X* x, int64_t ld, int64_t C, int64_t n,
+                                        const float* tv, float* m_out, float* s_out) {
+  for (int64_t r = 0; r < n; ++r) {
+    const X* xr = x + r * ld;
+    const int64_t y = static_cast<int64_t>(tv[r]);
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < C; ++c) m = std::max(m, to_float(xr[c]));
+    float s = 0;
+    for (int64_t c = 0; c < C; ++c) s += c == y ? 0.0f : fast_exp_le88(to_float(xr[c]) - m);
+    m_out[r] = m;
+    s_out[r] = s;
+  }
+}
+template <typename X>
+FL_ALWAYS_INLINE void rows_grad_portable(const X* x, int64_t ld, int64_t C, int64_t n,
+                                         const float* tv, const float* lse, const float* a,
+                                         const float* b, const float* w, X* g, int64_t gld,
+                                         float* q) {
+  for (int64_t r = 0; r < n; ++r) {
+    q[r] = 0;
+    const int64_t y = static_cast<int64_t>(tv[r]);
+    if (y < 0) continue;
+    const X* xr = x + r * ld;
+    X* gr = g + r * gld;
+    const float br = b ? b[r] : 0.0f;
+    float s = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const float p = fast_exp_le88(to_float(xr[c]) - lse[r]);
+      s += c == y ? 0.0f : p;
+      store_float(a[r] * p - br * (w ? w[c] : 1.0f), gr + c);
+    }
+    q[r] = s;
+  }
+}
+
 // W lanes of exp_lanes, or W = 0: the fast_exp loops. mx == nullptr: no max.
 template <int W, typename X>
 FL_ALWAYS_INLINE float lse_sum_at(const X* x, int64_t n, float shift, float* mx) {
@@ -410,7 +634,39 @@ FL_ALWAYS_INLINE float softmax_grad_at(const X* x, const float* w, int64_t n, fl
 // The four, for float and bf16 rows, compiled per ISA by function multiversioning (the loader
 // picks the body for the CPU, as for FL_MULTIVERSION's clones; FUSEDLOSS_MAX_ISA=avx2 leaves
 // AVX-512 out).
+template <int W, typename X>
+FL_ALWAYS_INLINE void rows_lse_at(const X* x, int64_t ld, int64_t C, int64_t n, const float* tv,
+                                  float* m, float* s) {
+  if constexpr (W == 0) {
+    rows_lse_portable(x, ld, C, n, tv, m, s);
+  } else {
+    rows_lse_lanes<W>(x, ld, C, n, tv, m, s);
+  }
+}
+template <int W, typename X>
+FL_ALWAYS_INLINE void rows_grad_at(const X* x, int64_t ld, int64_t C, int64_t n, const float* tv,
+                                   const float* lse, const float* a, const float* b,
+                                   const float* w, X* g, int64_t gld, float* q) {
+  if constexpr (W == 0) {
+    rows_grad_portable(x, ld, C, n, tv, lse, a, b, w, g, gld, q);
+  } else {
+    rows_grad_lanes<W>(x, ld, C, n, tv, lse, a, b, w, g, gld, q);
+  }
+}
+
+#define FL_ROW_SWEEPS(ATTR, W, X)                                                               \
+  ATTR void row_sweep_lse(const X* x, int64_t ld, int64_t C, int64_t n, const float* tv,        \
+                          float* m, float* s) {                                                 \
+    rows_lse_at<W>(x, ld, C, n, tv, m, s);                                                      \
+  }                                                                                             \
+  ATTR void row_sweep_grad(const X* x, int64_t ld, int64_t C, int64_t n, const float* tv,       \
+                           const float* lse, const float* a, const float* b, const float* w,    \
+                           X* g, int64_t gld, float* q) {                                       \
+    rows_grad_at<W>(x, ld, C, n, tv, lse, a, b, w, g, gld, q);                                  \
+  }
 #define FL_ROW_SUMS(ATTR, W)                                                                    \
+  FL_ROW_SWEEPS(ATTR, W, float)                                                                 \
+  FL_ROW_SWEEPS(ATTR, W, c10::BFloat16)                                                         \
   ATTR float lse_sum(const float* x, int64_t n, float shift, float* mx) {                       \
     return lse_sum_at<W>(x, n, shift, mx);                                                      \
   }                                                                                             \
@@ -435,8 +691,33 @@ FL_ROW_SUMS(__attribute__((target("arch=x86-64-v4"))), 16)
 FL_ROW_SUMS(, 0)
 #endif
 #undef FL_ROW_SUMS
+#undef FL_ROW_SWEEPS
 
 }  // namespace
+
+void rows_lse(const float* x, int64_t ld, int64_t C, int64_t n, const float* tv, float* m,
+              float* s) {
+  TORCH_CHECK(C >= kRowSweepMinC, "rows sweeps: rows of at least ", kRowSweepMinC, " classes");
+  row_sweep_lse(x, ld, C, n, tv, m, s);
+}
+void rows_lse(const c10::BFloat16* x, int64_t ld, int64_t C, int64_t n, const float* tv, float* m,
+              float* s) {
+  TORCH_CHECK(C >= kRowSweepMinC, "rows sweeps: rows of at least ", kRowSweepMinC, " classes");
+  row_sweep_lse(x, ld, C, n, tv, m, s);
+}
+void rows_softmax_grad(const float* x, int64_t ld, int64_t C, int64_t n, const float* tv,
+                       const float* lse, const float* a, const float* b, const float* w, float* g,
+                       int64_t gld, float* q) {
+  TORCH_CHECK(C >= kRowSweepMinC, "rows sweeps: rows of at least ", kRowSweepMinC, " classes");
+  row_sweep_grad(x, ld, C, n, tv, lse, a, b, w, g, gld, q);
+}
+void rows_softmax_grad(const c10::BFloat16* x, int64_t ld, int64_t C, int64_t n, const float* tv,
+                       const float* lse, const float* a, const float* b, const float* w,
+                       c10::BFloat16* g, int64_t gld, float* q) {
+  TORCH_CHECK(C >= kRowSweepMinC, "rows sweeps: rows of at least ", kRowSweepMinC, " classes");
+  TORCH_CHECK(w == nullptr, "rows_softmax_grad: class weights need float rows");
+  row_sweep_grad(x, ld, C, n, tv, lse, a, b, w, g, gld, q);
+}
 
 float block_softmax_grad(const float* x, const float* w, int64_t n, float lse, float a, float k,
                          float scale, float* g) {

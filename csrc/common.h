@@ -28,7 +28,9 @@ constexpr int64_t kBlock = 1024;
 // compiled every loop that reads bf16 at 256 bits. x86-64-v3 rather than plain "avx2": that target has no FMA, so every polynomial step
 // of fast_exp/fast_log was a separate multiply and add (fp32 cross-entropy forward 4096x32000,
 // AVX2 code on this machine: 97-102 ms with FMA vs 118-127 ms without).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// FUSEDLOSS_MAX_ISA=baseline (FL_MAX_ISA_BASELINE): none of them, only the portable code that
+// other CPUs and compilers build (ARM, clang), so that it can be tested on x86.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FL_MAX_ISA_BASELINE)
 #define FL_X86_GCC 1  // per-ISA bodies (here and common.cpp's function multiversioning)
 // flatten: everything a clone calls (fast_exp, fast_log, the per-block templates) is inlined into
 // it, so compiled for its ISA and vectorised with it; left to gcc's inliner, such calls stay out

@@ -141,8 +141,8 @@ void ce_forward_tiles(const at::Tensor& x, const Rows<scalar_t>& R, Targets& T, 
   });
 }
 
-// The gradient of a tile: a = scale (A) and b = scale k per lane, g_j = a p_j - b w_j swept class
-// by class, then the target column from q (rows.h); ignored lanes written as exact zeros.
+// The gradient of a tile: a = scale (A) and b = scale k per lane, g_j = a p_j - b w_j (tile_grad,
+// which writes ignored lanes as exact zeros), then the target column from q (rows.h).
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 void ce_backward_tiles(const at::Tensor& x, const Rows<scalar_t>& R, Targets& T,
                        const acc_t* lse_in, const acc_t* scale, bool per_row_scale, scalar_t* g,
@@ -156,22 +156,14 @@ void ce_backward_tiles(const at::Tensor& x, const Rows<scalar_t>& R, Targets& T,
       const scalar_t* xt = R.x + t.xoff;
       scalar_t* gt = g + t.goff;
       tile_targets(G, t, T, xt, R.w, tv, (acc_t*)nullptr, wv);
-      bool any_ignored = false;
       for (int64_t i = 0; i < S; ++i) {
         const bool valid = tv[i] >= 0;
-        any_ignored |= !valid;
         const acc_t sc = valid ? scale[per_row_scale ? t.r0 + i : 0] : acc_t(0);
         lse[i] = valid ? lse_in[t.r0 + i] : acc_t(0);
         a[i] = sc * ((1 - R.eps) * wv[i] + R.k * R.w_sum + 2 * R.z * lse[i]);
         b[i] = sc * R.k;
-        q[i] = 0;
       }
-      for (int64_t c = 0; c < G.C; ++c) {
-        load_block(xt + c * G.sC, G.lane, S, buf);
-        tile_softmax_grad(buf, S, lse, a, R.k != 0 ? b : nullptr, R.w ? R.w[c] : acc_t(1), tv,
-                          static_cast<acc_t>(c), q, gbuf);
-        store_block(gbuf, S, gt + c * G.gC, G.glane);
-      }
+      tile_grad(G, S, xt, lse, a, R.k != 0 ? b : nullptr, R.w, tv, q, gt, buf, gbuf);
       for (int64_t i = 0; i < S; ++i) {
         const int64_t y = static_cast<int64_t>(tv[i]);
         if (y < 0) continue;
@@ -179,11 +171,6 @@ void ce_backward_tiles(const at::Tensor& x, const Rows<scalar_t>& R, Targets& T,
         const acc_t sc = scale[per_row_scale ? t.r0 + i : 0];
         const acc_t gy = -a[i] * q[i] + b[i] * (R.w_sum - wv[i]) + sc * 2 * R.z * lse[i];
         gt[i * G.glane + y * G.gC] = static_cast<scalar_t>(gy);
-      }
-      if (!any_ignored) continue;
-      for (int64_t i = 0; i < S; ++i) {
-        if (tv[i] >= 0) continue;
-        for (int64_t c = 0; c < G.C; ++c) gt[i * G.glane + c * G.gC] = scalar_t(0);
       }
     }
   });

@@ -258,13 +258,8 @@ void softmax_focal_tiles(const at::Tensor& x, Targets& T, const acc_t* alpha, ac
       tile_terms(S, xv, av, gamma, scale, m, s, loss + t.r0, a);  // m := lse, s := q
       if (!g) continue;
       scalar_t* gt = g + t.goff;
-      std::fill_n(qv, S, acc_t(0));
-      for (int64_t c = 0; c < G.C; ++c) {
-        load_block(xt + c * G.sC, G.lane, S, buf);
-        tile_softmax_grad(buf, S, m, a, (const acc_t*)nullptr, acc_t(0), tv, static_cast<acc_t>(c),
-                          qv, gbuf);
-        store_block(gbuf, S, gt + c * G.gC, G.glane);
-      }
+      tile_grad(G, S, xt, m, a, (const acc_t*)nullptr, (const acc_t*)nullptr, tv, qv, gt, buf,
+                gbuf);
       for (int64_t i = 0; i < S; ++i) {  // the target column of each valid lane
         const int64_t y = static_cast<int64_t>(tv[i]);
         if (y >= 0) gt[i * G.glane + y * G.gC] = static_cast<scalar_t>(-a[i] * s[i]);

@@ -34,9 +34,11 @@ from pathlib import Path
 # compiles the hot loops for several ISAs (target_clones) and picks one at run time, so one build
 # runs on any x86-64.
 # FUSEDLOSS_MAX_ISA=avx2 (set when building and when importing) leaves the AVX-512 clones out, so
-# that the AVX2 code can be timed on an AVX-512 machine; a development option, not for wheels.
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"] + (
-    ["-DFL_MAX_ISA_AVX2"] if os.environ.get("FUSEDLOSS_MAX_ISA", "").lower() == "avx2" else [])
+# that the AVX2 code can be timed on an AVX-512 machine; =baseline builds only the portable code
+# (what ARM and clang builds run), to test it on x86. Development options, not for wheels.
+_MAX_ISA_FLAGS = {"avx2": ["-DFL_MAX_ISA_AVX2"], "baseline": ["-DFL_MAX_ISA_BASELINE"]}
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"] + _MAX_ISA_FLAGS.get(
+    os.environ.get("FUSEDLOSS_MAX_ISA", "").lower(), [])
 LD_FLAGS = ["-fopenmp"]
 STAMP = "_C.build.json"  # beside the library: {"torch": version, "sources": hash, "python": tag}
 JIT_NAME = "fusedloss_C"

@@ -303,21 +303,22 @@ def test_cpu_lse_exp_ulps(dtype):
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_cpu_bf16_gradient_rounding(label_smoothing):
+@pytest.mark.parametrize("n, C", [(256, 16384), (20000, 201)])
+def test_cpu_bf16_gradient_rounding(label_smoothing, n, C):
     """The bf16 gradient, computed in fp32 from bf16 rows read in place, is that fp32 gradient
     rounded as torch's .to(bfloat16) rounds (to nearest, ties to even), bit for bit (NaN: NaN;
     torch's vectorised conversion gives 0xFFFF, its scalar one 0x7FC0, ours 0x7FC0):
     the same backward over the same logits in fp32, given the same lse, then rounded by torch.
-    4M elements give ~50 exact ties; the tolerance-based tests would pass any rounding."""
+    4M elements give ~50 exact ties; the tolerance-based tests would pass any rounding. Long
+    rows and the row sweeps' short ones (201 classes: an odd overlapping last step)."""
     g = torch.Generator().manual_seed(0)
-    n, C = 256, 16384
     x = torch.randn(n, C, generator=g).bfloat16()
     x[3, 100] = float("nan")
     t = torch.randint(0, C, (n,), generator=g)
     args = (t, None, -100, label_smoothing, 0.0)
     _, lse = torch.ops.fusedloss.cross_entropy_fwd(x.view(n, C, 1), *args)
     # A NaN and a +inf logit under a finite lse (the kernels' NaN-free rounding): NaN there only
-    x[7, 200], x[9, 300] = float("nan"), float("inf")
+    x[7, 200], x[9, C - 1] = float("nan"), float("inf")
     scale = torch.rand(n, generator=g) + 0.5
     ours = torch.ops.fusedloss.cross_entropy_bwd(scale, x.view(n, C, 1), t, lse, *args[1:])
     fp32 = torch.ops.fusedloss.cross_entropy_bwd(scale, x.float().view(n, C, 1), t, lse, *args[1:])
@@ -327,7 +328,7 @@ def test_cpu_bf16_gradient_rounding(label_smoothing):
     assert ours.view(n, C)[3].isnan().all()
     # (and at the target, whose gradient sums the row's p)
     nan = ours.view(n, C).isnan()
-    assert nan.sum() == C + 4 and nan[7, 200] and nan[9, 300] and nan[7, t[7]] and nan[9, t[9]]
+    assert nan.sum() == C + 4 and nan[7, 200] and nan[9, C - 1] and nan[7, t[7]] and nan[9, t[9]]
     bad = (ours.view(torch.int16) != want.view(torch.int16)) & ~(ours.isnan() & want.isnan())
     assert not bad.any(), (ours[bad][:5], fp32[bad][:5])
 
@@ -677,11 +678,12 @@ def test_whole_loss_op_checks_its_arguments():
 @pytest.mark.parametrize("C", [3, 64, 65, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tiles_and_rows(layout, C, dtype):
-    """The C++ kernels sweep tiles of rows (one lane per row) for (N, C) with C <= 64 and for
-    unit-stride pixels, and rows otherwise (C = 65: through the row buffer in forward and
-    backward; C = 200: buffered forward, in-place backward): both against float64 with every
-    option on, more rows than one tile (256) so that tiles end mid-way, a per-row grad_output,
-    ignored rows, and the in-place backward."""
+    """The C++ kernels' layouts: tiles of rows swept class by class (one lane per row) for
+    unit-stride pixels and (N, C) rows of few classes, row by row for contiguous (N, C) rows
+    (C = 64, 65, 200; bf16 with weights and smoothing: the gradient class by class), and rows
+    one at a time otherwise (strided classes: through the row buffer at 65, its forward at
+    200): all against float64 with every option on, more rows than one tile (256) so that
+    tiles end mid-way, a per-row grad_output, ignored rows, and the in-place backward."""
     n = 300 if layout == "rows" else 2
     shape = (n, C) if layout == "rows" else (n, C, 150)
     x = randn(*shape, dtype=dtype)
@@ -703,6 +705,32 @@ def test_tiles_and_rows(layout, C, dtype):
     cross_entropy(xx, t, weight=w, label_smoothing=0.2, inplace_backward=True).backward()
     torch.testing.assert_close(xx.detach().double(), gr, atol=2e-2 if dtype == torch.bfloat16
                                else 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("C", [32, 33, 47, 100, 768])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_sweeps(C, dtype):
+    """Contiguous (N, C) fp32 and bf16 rows of 32 to 768 classes take the C++ row sweeps
+    (rows.h): steps of 2W classes from the row's start, then a last step that ends at the row's
+    end and overlaps the one before. Against float64: the target at every class (those of the
+    overlap and the last step included), a per-row grad_output, ignored rows, label smoothing
+    and z-loss, rows sC = C + 7 apart, and the in-place backward (the overlapping step read
+    before the steps before it write over part of it)."""
+    n = 2 * C + 5
+    x = randn(n, C + 7, dtype=dtype)[:, :C]  # rows C + 7 apart
+    t = torch.cat([torch.arange(C), torch.arange(C).flip(0), torch.full((5,), -100)])
+    atol = 2e-2 if dtype == torch.bfloat16 else None
+    for kw in [dict(), dict(label_smoothing=0.3, z_loss=1e-3)]:
+        check(x, t, grad_out=torch.rand(n), reduction="none", atol=atol, **kw)
+        check(x.contiguous(), t, reduction="mean", atol=atol, **kw)
+    h = x.double().requires_grad_()
+    (gr,) = torch.autograd.grad(F.cross_entropy(h, t, label_smoothing=0.3), h)
+    xx = x.contiguous().requires_grad_() * 1  # not a leaf: its memory receives the gradient
+    cross_entropy(xx, t, label_smoothing=0.3, inplace_backward=True).backward()
+    torch.testing.assert_close(xx.detach().double(), gr, atol=atol or 1e-6, rtol=0)
+    xo = x.contiguous().requires_grad_()
+    (go,) = torch.autograd.grad(cross_entropy(xo, t, label_smoothing=0.3), xo)
+    assert torch.equal(xx.detach(), go)  # in place, the same bits as into a new buffer
 
 
 def test_gradient_buffer_reuse():
