@@ -4,9 +4,10 @@ Providers are interleaved: each round times a block of calls of torch, then of f
 ratio is the median over rounds of the per-round ratios (a slow spell hits both sides of a round).
 At this size a loss's time is Python, dispatch and autograd overhead.
 
-    python bench/bench_small_batch.py [label] [--rounds R] [--calls N] [--shape NxC]
+    python bench/bench_small_batch.py [label] [--rounds R] [--calls N] [--shape NxC[,NxC...]]
 
---shape times another batch (64x64: a few thousand elements, where fusedloss should already win).
+--shape times other batches, one line each (64x64: a few thousand elements, where fusedloss should
+already win).
 """
 import argparse
 import statistics
@@ -38,6 +39,12 @@ def _torch_sigmoid_focal(x, y, alpha=0.25, gamma=2.0):
     return loss.mean()
 
 
+def _torch_softmax_focal(x, t, gamma=2.0):
+    """Softmax focal loss (mean) in eager torch: -(1 - p_t)^gamma log p_t."""
+    logpt = F.log_softmax(x, 1).gather(1, t[:, None]).squeeze(1)
+    return (-((1 - logpt.exp()) ** gamma) * logpt).mean()
+
+
 def _torch_distill(student, teacher):
     """Forward-KL distillation (temperature 1) as eager torch writes it."""
     return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), reduction="batchmean",
@@ -49,10 +56,15 @@ def main():
     p.add_argument("label", nargs="?", default="")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=1000)
-    p.add_argument("--shape", default="32x10", help="NxC (default 32x10)")
+    p.add_argument("--shape", default="32x10", help="NxC, or several, comma-separated")
     args = p.parse_args()
-    n, c = (int(v) for v in args.shape.lower().split("x"))
     torch.set_num_threads(1)
+    for shape in args.shape.lower().split(","):
+        n, c = (int(v) for v in shape.split("x"))
+        print(args.label, shape, " | ".join(run_shape(n, c, args)), flush=True)
+
+
+def run_shape(n, c, args):
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(n, c, generator=g)
     t = torch.randint(0, c, (n,), generator=g)
@@ -73,6 +85,7 @@ def main():
               lambda x, q: FL.kl_div(x, q, reduction="batchmean"), q),
              ("sigmoid_focal", _torch_sigmoid_focal,
               lambda x, y: FL.sigmoid_focal_loss(x, y, reduction="mean"), y),
+             ("softmax_focal", _torch_softmax_focal, FL.softmax_focal_loss, t),
              ("distillation", _torch_distill, FL.distillation_loss, teacher)]
     out = []
     for name, theirs, ours, target in cases:
@@ -85,7 +98,7 @@ def main():
         ratio = statistics.median(y / x for x, y in zip(a, b))
         out.append(f"{name} torch={statistics.median(a):.0f}us "
                    f"fusedloss={statistics.median(b):.0f}us ratio={ratio:.2f}")
-    print(args.label, args.shape, " | ".join(out), flush=True)
+    return out
 
 
 if __name__ == "__main__":
