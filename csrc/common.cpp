@@ -454,11 +454,9 @@ struct RowSteps {
   static constexpr int64_t K = 2 * W;
   I ia, ib;
   F new_a, new_b;  // the tail step's lanes: 1 where not done already, else 0
-  int64_t C, full, tail;
-  explicit RowSteps(int64_t classes) : C(classes) {
+  int64_t full, tail;
+  explicit RowSteps(int64_t C) : full(C / K * K), tail(full < C ? C - K : -1) {
     step_lanes<W, X>(ia, ib);
-    full = C / K * K;
-    tail = full < C ? C - K : -1;
     // (a product, not a select: GCC 12 hoists a loop-invariant compare out of the loops and
     // keeps its AVX-512 result as a vector, then selects with it one lane at a time)
     for (int j = 0; j < W; ++j) {
@@ -473,7 +471,7 @@ struct RowSteps {
     const I yo = I{} + (y - static_cast<int32_t>(o));
     ea = ia == yo ? F{} : ea;
     eb = ib == yo ? F{} : eb;
-    if (kTail) {
+    if constexpr (kTail) {
       ea *= new_a;
       eb *= new_b;
     }
