@@ -1,13 +1,8 @@
 // The op schemas, declared once. Each loss registers its CPU kernel in its own file; the CUDA
 // (Triton) kernels, fake tensors and autograd are registered from Python.
-#include <Python.h>
 #include <torch/library.h>
 
-// `import fusedloss._C` loads this library, which runs the registrations below.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&def);
-}
+// Loading the library (`import fusedloss._C`, csrc/python.cpp) runs the registrations below.
 
 TORCH_LIBRARY(fusedloss, m) {
   // Frees the large buffer kept for reuse (common.h empty_reused); returns its size in bytes.

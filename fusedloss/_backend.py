@@ -9,6 +9,7 @@ FUSEDLOSS_BACKEND=triton|cpp|reference forces one for the process (read once, at
 use_backend() forces one for a block of code. backends() says what runs where, and why.
 """
 import contextlib
+import importlib
 import os
 import warnings
 
@@ -26,6 +27,8 @@ _override = None
 
 # Loads fusedloss._C, built at install time or else compiled on first import (see _extension).
 HAS_CPP, CPP_STATUS = _extension.load(os.path.dirname(os.path.abspath(__file__)))
+# The extension as a Python module (its direct entry points, csrc/python.cpp), None without it.
+C_MODULE = importlib.import_module("fusedloss._C") if HAS_CPP else None
 if not HAS_CPP:  # still importable, on the reference implementation
     warnings.warn(
         f"fusedloss: CPU losses fall back to the slower reference implementation: {CPP_STATUS}. "

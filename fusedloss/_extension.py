@@ -168,6 +168,17 @@ def _load_prebuilt(pkg_dir: Path, csrc, torch_version: str):
     return True, how
 
 
+def _import_as_c(lib: Path) -> None:
+    """Import the library compiled on first use as the module fusedloss._C, as a built one is
+    (its PyInit__C: the module's direct entry points, csrc/python.cpp); loading it runs the op
+    registrations, once per process whichever name loads it first."""
+    loader = importlib.machinery.ExtensionFileLoader("fusedloss._C", str(lib))
+    spec = importlib.util.spec_from_file_location("fusedloss._C", str(lib), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    sys.modules["fusedloss._C"] = module
+
+
 def _compile_and_load(csrc: Path, torch_version: str) -> str:
     """Load the extension compiled from csrc for this torch from the cache; compile it first if
     the cache does not have it. Returns how it was loaded."""
@@ -179,7 +190,7 @@ def _compile_and_load(csrc: Path, torch_version: str) -> str:
     lib = build_dir / f"{JIT_NAME}{cpp_extension.LIB_EXT}"
     done = build_dir / STAMP  # written once a build loaded; a half-linked library has none
     if lib.is_file() and done.is_file():
-        torch.ops.load_library(str(lib))
+        _import_as_c(lib)
         return f"compiled on first use, loaded from the cache {build_dir}"
     units = sorted(csrc.glob("*.cpp"))
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -194,6 +205,7 @@ def _compile_and_load(csrc: Path, torch_version: str) -> str:
                            extra_cflags=CXX_FLAGS, extra_ldflags=LD_FLAGS,
                            extra_include_paths=[str(csrc)],
                            build_directory=str(build_dir), is_python_module=False, verbose=False)
+    _import_as_c(lib)
     done.write_text(json.dumps(stamp(csrc, torch_version)))
     say(f"fusedloss: compiled in {time.perf_counter() - t0:.0f} s")
     return f"compiled on first use into {build_dir}"

@@ -49,6 +49,10 @@ if _backend.HAS_CPP:
         return input.new_empty(target.shape if reduction == 0 else (), dtype=out_dtype)
 
     _whole_op = torch.ops.fusedloss.cross_entropy.default
+    # Its Autograd kernel called without the dispatcher, in plain eager calls (csrc/python.cpp).
+    _direct = getattr(_backend.C_MODULE, "cross_entropy", None)
+else:
+    _direct = None
 
     if _tk is not None:
         for _name in ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace"):
@@ -199,11 +203,19 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     tensors; on CUDA it trips a device-side assertion (no host sync; see
     _common.check_class_targets_for).
     """
+    if (_direct is not None and not torch.compiler.is_compiling() and not inplace_backward
+            and size_average is None and reduce is None and _backend.cpu_op()):
+        # Plain CPU tensors in eager mode: the op's autograd kernel called directly (a small
+        # batch's time is per-call overhead); None where that does not apply.
+        out = _direct(input, target, weight, reduction, ignore_index, label_smoothing, z_loss)
+        if out is not None:
+            return out
     if (type(input) is torch.Tensor and type(target) is torch.Tensor and input.is_cpu
             and target.dtype is torch.int64 and type(reduction) is str and size_average is None
             and reduce is None and not inplace_backward
             and (weight is None or type(weight) is torch.Tensor) and _backend.cpu_op()):
-        # The common case as one call of the C++ op (see call_or_none).
+        # The common case as one call of the C++ op (see call_or_none): under autocast, a mode
+        # or torch.compile, which the direct call leaves to the dispatcher.
         code = REDUCTION_CODE.get(reduction)
         if code is not None:
             out = call_or_none(_whole_op, input, target, weight, code, int(ignore_index),

@@ -479,21 +479,110 @@ def test_opcheck_whole_loss():
                         (x, t, ww, red, -100, eps, z, out))
 
 
-def test_whole_loss_op_is_the_cpu_path(monkeypatch):
-    """On the C++ backend cross_entropy is one call of fusedloss::cross_entropy, and its
-    backward matches the float64 reference (so a regression to the Python path is visible)."""
+@pytest.mark.parametrize("direct", [True, False])
+def test_whole_loss_op_is_the_cpu_path(monkeypatch, direct):
+    """On the C++ backend cross_entropy is one call: of the op's autograd kernel directly
+    (csrc/python.cpp) in plain eager calls, else of fusedloss::cross_entropy; its backward matches
+    the float64 reference either way (so a regression to the Python path is visible)."""
     monkeypatch.setattr(fusedloss._backend, "_ENV", "cpp")
-    calls = []
-    op = fusedloss.cross_entropy._whole_op
+    calls = {"direct": 0, "op": 0}
+    op, fast = fusedloss.cross_entropy._whole_op, fusedloss.cross_entropy._direct
     monkeypatch.setattr(fusedloss.cross_entropy, "_whole_op",
-                        lambda *a: calls.append(a) or op(*a))
+                        lambda *a: calls.__setitem__("op", calls["op"] + 1) or op(*a))
+    monkeypatch.setattr(fusedloss.cross_entropy, "_direct",
+                        lambda *a: calls.__setitem__("direct", calls["direct"] + 1) or fast(*a)
+                        if direct else None)
     x = randn(6, 5)
     t = torch.tensor([0, 4, -100, 2, 3, 1])
     w = torch.rand(5)
     for red in ("mean", "sum", "none"):
         check(x, t, weight=w, reduction=red, label_smoothing=0.1,
               grad_out=torch.rand(6) if red == "none" else None)
-    assert len(calls) == 3
+    assert calls == ({"direct": 3, "op": 0} if direct else {"direct": 0, "op": 3})
+
+
+def _direct_cross_entropy(x, t, w=None, reduction="mean", ignore_index=-100, eps=0.0, z=0.0):
+    return fusedloss._backend.C_MODULE.cross_entropy(x, t, w, reduction, ignore_index, eps, z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_direct_call_is_the_op(dtype):
+    """The direct call (the op's autograd kernel without the dispatcher) returns what
+    fusedloss::cross_entropy returns, loss and gradient bit for bit, for every reduction and option,
+    grad or no grad."""
+    op = torch.ops.fusedloss.cross_entropy.default
+    t = torch.randint(0, 13, (5, 2))
+    t[1, 0] = 7
+    w = torch.rand(13, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    for red, code in [("none", 0), ("mean", 1), ("sum", 2)]:
+        for ww, eps, z, ii in [(None, 0.0, 0.0, -100), (w, 0.1, 1e-3, 7), (None, 0, 1, 7)]:
+            x = randn(5, 13, 2, dtype=dtype).requires_grad_()
+            ours = _direct_cross_entropy(x, t, ww, red, ii, eps, z)
+            want = op(x, t, ww, code, ii, float(eps), float(z), dtype)
+            assert ours is not None and ours.dtype == want.dtype and torch.equal(ours, want)
+            go = torch.rand_like(want)
+            (g,) = torch.autograd.grad(ours, x, go)
+            (gw,) = torch.autograd.grad(want, x, go)
+            assert torch.equal(g, gw)
+            with torch.no_grad():
+                assert _direct_cross_entropy(x, t, ww, red, ii, eps, z).grad_fn is None
+    with pytest.raises(IndexError, match="out of bounds"):
+        _direct_cross_entropy(randn(4, 5), torch.tensor([0, 1, 5, 2]))
+
+
+class _SeenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+def test_direct_call_only_in_plain_eager():
+    """The direct call declines (returns None) wherever the dispatcher or Python could have taken
+    the call: a mode, a tracer, a functorch transform, a profiler, autocast, inference mode, a
+    tensor that is not a plain dense CPU torch.Tensor, arguments the op rejects. There the
+    functional calls the op, which the mode sees, and the loss is right (a negative view read as
+    its memory would be the wrong sign)."""
+    x, t = randn(4, 5), torch.tensor([0, 4, 2, 1])
+    assert _direct_cross_entropy(x, t) is not None
+    want = reference(x, t).float()
+    with torch.inference_mode():
+        inference_x = x.clone()
+    for bad in [x._neg_view(), x.as_subclass(_Subclass), inference_x, x.to("meta")]:
+        assert _direct_cross_entropy(bad, t) is None
+    for args in [(x, t.to(torch.uint8)), (x, t, None, "avg"), (x, t, None, "mean", -100.0),
+                 (x, t[:3]), (x, t, torch.ones(4)), (x, t, None, "mean", -100, 2.0)]:
+        assert _direct_cross_entropy(*args) is None
+    torch.testing.assert_close(cross_entropy(x._neg_view(), t), reference(-x, t).float())
+
+    class _Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    contexts = {"dispatch mode": _SeenOps, "function mode": _Mode, "autocast":
+                lambda: torch.autocast("cpu"), "inference mode": torch.inference_mode,
+                "profiler": torch.autograd.profiler.profile}
+    for name, ctx in contexts.items():
+        with ctx() as mode:
+            assert _direct_cross_entropy(x, t) is None, name
+            torch.testing.assert_close(cross_entropy(x, t), want)
+        if name == "dispatch mode":
+            assert "fusedloss.cross_entropy_fwd.default" in mode.ops
+        if name == "profiler":
+            assert "fusedloss::cross_entropy" in {e.name for e in mode.function_events}
+    seen = []
+    torch.func.grad(lambda x: seen.append(_direct_cross_entropy(x, t)) or x.sum())(x)
+    torch.jit.trace(lambda x: seen.append(_direct_cross_entropy(x, t)) or x.sum(), (x,),
+                    check_trace=False)
+    assert seen == [None, None]
 
 
 def test_compile_fullgraph():

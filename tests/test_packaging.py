@@ -108,20 +108,23 @@ def test_isolated_build_wheel_compiles_on_first_import(tmp_path, no_torch):
     assert re.search(r"^Requires-Dist: torch>=", meta, re.M)
 
     # Installed and imported from elsewhere, it compiles the shipped sources on first import
-    # (here only ops.cpp, which declares the ops, to keep the test cheap) and reuses them later.
+    # (here only ops.cpp, which declares the ops, and python.cpp, the module, to keep the test
+    # cheap) and reuses them later.
     site = tmp_path / "site"
     run([PY, "-m", "pip", "install", "--no-deps", "--target", site, whl], cwd=tmp_path)
     for f in (site / "fusedloss" / "csrc").glob("*.cpp"):
-        if f.name != "ops.cpp":
+        if f.name not in ("ops.cpp", "python.cpp"):
             f.unlink()
     env = {"PYTHONPATH": str(site), "FUSEDLOSS_CACHE": str(tmp_path / "cache")}
     code = ("import torch, fusedloss; r = fusedloss.backends(); print(r['cpu']); "
-            "print(r.reasons['cpu']); print(torch.ops.fusedloss.cross_entropy_fwd.default._schema)")
+            "print(r.reasons['cpu']); print(torch.ops.fusedloss.cross_entropy_fwd.default._schema); "
+            "print(fusedloss.cross_entropy._direct.__module__)")
     first = run([PY, "-c", code], cwd=tmp_path, **env)
-    assert "fusedloss: compiling the C++ kernels (1 file from" in first.stderr, first.stderr
-    cpu, why, schema = first.stdout.splitlines()[-3:]
+    assert "fusedloss: compiling the C++ kernels (2 files from" in first.stderr, first.stderr
+    cpu, why, schema, module = first.stdout.splitlines()[-4:]
     assert cpu == "cpp" and "compiled on first use into" in why
     assert schema.startswith("fusedloss::cross_entropy_fwd(Tensor logits")
+    assert module == "fusedloss._C"  # the library imported as the module, with its direct calls
     second = run([PY, "-c", code], cwd=tmp_path, **env)
     assert "compiling" not in second.stderr
     assert "compiled on first use, loaded from the cache" in second.stdout
