@@ -131,6 +131,9 @@ if _backend.HAS_CPP:
     def _whole_fake(kind, input, target, weight, pos_weight, delta, flag, reduction, out_dtype):
         return input.new_empty(input.shape if reduction == 0 else (), dtype=out_dtype)
 
+# The op's Autograd kernel called without the dispatcher, in plain eager calls (csrc/python.cpp).
+_direct = getattr(_backend.C_MODULE, "elementwise_loss", None)
+
 
 def fast(kind, input, target, weight, pos_weight, delta, flag, reduction):
     """The common case as one call of fusedloss::elementwise_loss (kind 0 BCE, 1 Huber /
@@ -141,6 +144,10 @@ def fast(kind, input, target, weight, pos_weight, delta, flag, reduction):
     values): the caller then takes its full path, whose checks name the bad argument. The result's
     dtype is out_dtype(input) (with one dtype for input and target, what every functional here
     returns)."""
+    if _direct is not None and not torch.compiler.is_compiling() and _backend.cpu_op():
+        out = _direct(kind, input, target, weight, pos_weight, delta, flag, reduction)
+        if out is not None:
+            return out
     if (type(input) is torch.Tensor and type(target) is torch.Tensor and input.is_cpu
             and type(reduction) is str and _backend.cpu_op()):
         code = OP_REDUCTION_CODE.get(reduction)

@@ -26,12 +26,17 @@ if _backend.HAS_TRITON:
 else:
     _tk = None
 
+_direct = None
 if _backend.HAS_CPP:
 
     @torch.library.register_fake("fusedloss::distillation")
     def _whole_fake(student, teacher, target, temperature, beta, ignore_index, hard_weight,
                     reduction, out_dtype):
         return student.new_empty(student.shape[:-1] if reduction == 0 else (), dtype=out_dtype)
+
+    # The op's Autograd kernel called without the dispatcher, in plain eager calls
+    # (csrc/python.cpp).
+    _direct = getattr(_backend.C_MODULE, "distillation", None)
 
     @torch.library.register_fake("fusedloss::distill_fwd")
     def _fwd_fake(student, teacher, target, temperature, beta, ignore_index, hard_weight):
@@ -135,6 +140,13 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
     of another dtype is converted to the student's (a copy). inplace_backward: backward writes the
     gradient over student_logits (not a leaf) instead of a new buffer, as cross_entropy's.
     """
+    if (_direct is not None and not torch.compiler.is_compiling() and not inplace_backward
+            and _backend.cpu_op()):
+        # Plain CPU tensors in eager mode: the op's autograd kernel called directly.
+        out = _direct(student_logits, teacher_logits, target, temperature, beta, ignore_index,
+                      hard_weight, reduction)
+        if out is not None:
+            return out
     if (type(student_logits) is torch.Tensor and type(teacher_logits) is torch.Tensor
             and student_logits.is_cpu and (target is None or type(target) is torch.Tensor)
             and not inplace_backward and type(reduction) is str and type(temperature) in _NUMBER

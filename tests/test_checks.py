@@ -324,3 +324,127 @@ def test_one_pass_input_modified_in_place_raises(monkeypatch):
     xi.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+# ---------------------------------------------------------------- direct calls (csrc/python.cpp)
+
+def _direct_cases():
+    """name -> (the direct call, the functional) on logits x; the direct call as the functional
+    makes it."""
+    C = _backend.C_MODULE
+    g = torch.Generator().manual_seed(5)
+    t = torch.tensor([0, 4, 2, 1])
+    y = torch.randn(4, 5, generator=g)
+    return {
+        "cross_entropy": (lambda x: C.cross_entropy(x, t, None, "mean", -100, 0.0, 0.0),
+                          lambda x: F.cross_entropy(x, t)),
+        "huber": (lambda x: C.elementwise_loss(1, x, y, None, None, 0.5, False, "sum"),
+                  lambda x: F.huber_loss(x, y, delta=0.5, reduction="sum")),
+        "distillation": (lambda x: C.distillation(x, y, None, 2.0, 0.0, -100, 0.0, "batchmean"),
+                         lambda x: F.distillation_loss(x, y, temperature=2.0)),
+    }
+
+
+class _SeenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _FunctionMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+@pytest.mark.parametrize("case", ["cross_entropy", "huber", "distillation"])
+def test_direct_calls_only_in_plain_eager(case):
+    """The direct calls (an op's Autograd kernel without the dispatcher) decline, returning None,
+    wherever the dispatcher or Python could have taken the call: a mode, a tracer, a functorch
+    transform, a profiler, autocast, inference mode, a tensor that is not a plain dense CPU
+    torch.Tensor. There the functional calls the op, which the mode sees, with the same result
+    (a negative view read as its memory would give another loss)."""
+    direct, functional = _direct_cases()[case]
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(6)) * 3
+    want = direct(x)
+    assert want is not None
+    assert torch.equal(functional(x), want)
+    with torch.inference_mode():
+        inference_x = x.clone()
+    for bad in [x._neg_view(), x.as_subclass(_Subclass), inference_x, x.to("meta")]:
+        assert direct(bad) is None
+    torch.testing.assert_close(functional(x._neg_view()), direct(-x))
+    contexts = {"dispatch mode": _SeenOps, "function mode": _FunctionMode,
+                "autocast": lambda: torch.autocast("cpu"), "inference mode": torch.inference_mode,
+                "profiler": torch.autograd.profiler.profile}
+    op = {"huber": "elementwise_loss"}.get(case, case)
+    for name, ctx in contexts.items():
+        with ctx() as mode:
+            assert direct(x) is None, name
+            torch.testing.assert_close(functional(x), want)
+        if name == "dispatch mode":  # the kernels under the op's autograd reached the mode
+            assert any(o.startswith("fusedloss.") for o in mode.ops), mode.ops
+        if name == "profiler":
+            assert f"fusedloss::{op}" in {e.name for e in mode.function_events}
+    seen = []
+    torch.func.grad(lambda x: seen.append(direct(x)) or x.sum())(x)
+    torch.jit.trace(lambda x: seen.append(direct(x)) or x.sum(), (x,), check_trace=False)
+    assert seen == [None, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_direct_calls_are_the_ops(dtype):
+    """The element-wise and distillation direct calls return what their ops return, loss and
+    gradient bit for bit, for each loss kind, reduction and option (cross-entropy's:
+    test_cross_entropy.py); arguments an op rejects give None (the functional then names them)."""
+    C = _backend.C_MODULE
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * 2).to(dtype)
+
+    y, w, pw = r(6, 7), r(6, 7).abs(), r(7).abs()
+    p = y.double().sigmoid().to(dtype)
+    t = torch.randint(0, 7, (6,), generator=g)
+    t[2] = -1
+    ew = torch.ops.fusedloss.elementwise_loss.default
+    cases = []  # (direct, op, arguments after the input)
+    for red, code in [("none", 0), ("mean", 1), ("sum", 2)]:
+        cases += [(C.elementwise_loss, ew, (0, p, w, pw, 0.0, False), red, code),
+                  (C.elementwise_loss, ew, (1, y, w, None, 0.5, False), red, code),
+                  (C.elementwise_loss, ew, (1, y, None, None, 0.5, True), red, code)]
+    for red, code in [("none", 0), ("sum", 2), ("batchmean", 3)]:
+        cases += [(C.elementwise_loss, ew, (2, p, None, None, 0.0, False), red, code),
+                  (C.elementwise_loss, ew, (2, y.double().log_softmax(-1).to(dtype), None, None,
+                                            0.0, True), red, code)]
+    for red, code in [("none", 0), ("mean", 1), ("sum", 2), ("batchmean", 3)]:
+        for beta, target, hard in [(0.0, None, 0.0), (0.5, t, 0.3), (1.0, t, 0.0)]:
+            cases.append((C.distillation, torch.ops.fusedloss.distillation.default,
+                          (y, target, 2.0, beta, -1, hard), red, code))
+    for direct, op, rest, red, code in cases:
+        x = r(6, 7).requires_grad_()
+        if direct is C.elementwise_loss:
+            kind, rest = rest[0], rest[1:]
+            ours = direct(kind, x, *rest, red)
+            want = op(kind, x, *rest, code, dtype)
+        else:
+            ours = direct(x, *rest, red)
+            want = op(x, *rest, code, dtype)
+        assert ours is not None and ours.dtype == want.dtype and torch.equal(ours, want), rest
+        go = torch.rand_like(want)
+        assert torch.equal(torch.autograd.grad(ours, x, go)[0], torch.autograd.grad(want, x, go)[0])
+    x = r(6, 7)
+    for bad in [(0, x, y[:3], None, None, 0.0, False, "mean"),  # shape
+                (1, x, y, None, None, -1.0, False, "mean"),  # delta
+                (1, x, y, None, None, 0.5, 1, "mean"),  # flag not a bool
+                (0, x, y, None, None, 0.0, False, "avg")]:
+        assert C.elementwise_loss(*bad) is None
+    assert C.distillation(x, y.detach().requires_grad_(), None, 1.0, 0.0, -1, 0.0, "sum") is None

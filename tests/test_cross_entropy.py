@@ -530,61 +530,6 @@ def test_direct_call_is_the_op(dtype):
         _direct_cross_entropy(randn(4, 5), torch.tensor([0, 1, 5, 2]))
 
 
-class _SeenOps(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-class _Subclass(torch.Tensor):
-    pass
-
-
-@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
-def test_direct_call_only_in_plain_eager():
-    """The direct call declines (returns None) wherever the dispatcher or Python could have taken
-    the call: a mode, a tracer, a functorch transform, a profiler, autocast, inference mode, a
-    tensor that is not a plain dense CPU torch.Tensor, arguments the op rejects. There the
-    functional calls the op, which the mode sees, and the loss is right (a negative view read as
-    its memory would be the wrong sign)."""
-    x, t = randn(4, 5), torch.tensor([0, 4, 2, 1])
-    assert _direct_cross_entropy(x, t) is not None
-    want = reference(x, t).float()
-    with torch.inference_mode():
-        inference_x = x.clone()
-    for bad in [x._neg_view(), x.as_subclass(_Subclass), inference_x, x.to("meta")]:
-        assert _direct_cross_entropy(bad, t) is None
-    for args in [(x, t.to(torch.uint8)), (x, t, None, "avg"), (x, t, None, "mean", -100.0),
-                 (x, t[:3]), (x, t, torch.ones(4)), (x, t, None, "mean", -100, 2.0)]:
-        assert _direct_cross_entropy(*args) is None
-    torch.testing.assert_close(cross_entropy(x._neg_view(), t), reference(-x, t).float())
-
-    class _Mode(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
-    contexts = {"dispatch mode": _SeenOps, "function mode": _Mode, "autocast":
-                lambda: torch.autocast("cpu"), "inference mode": torch.inference_mode,
-                "profiler": torch.autograd.profiler.profile}
-    for name, ctx in contexts.items():
-        with ctx() as mode:
-            assert _direct_cross_entropy(x, t) is None, name
-            torch.testing.assert_close(cross_entropy(x, t), want)
-        if name == "dispatch mode":
-            assert "fusedloss.cross_entropy_fwd.default" in mode.ops
-        if name == "profiler":
-            assert "fusedloss::cross_entropy" in {e.name for e in mode.function_events}
-    seen = []
-    torch.func.grad(lambda x: seen.append(_direct_cross_entropy(x, t)) or x.sum())(x)
-    torch.jit.trace(lambda x: seen.append(_direct_cross_entropy(x, t)) or x.sum(), (x,),
-                    check_trace=False)
-    assert seen == [None, None]
-
-
 def test_compile_fullgraph():
     torch._dynamo.reset()
     lin = torch.nn.Linear(16, 300)
