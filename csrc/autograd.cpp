@@ -1,6 +1,6 @@
-// Whole-loss ops with their autograd in C++: fusedloss::cross_entropy and
-// fusedloss::elementwise_loss (BCE-with-logits, Huber / SmoothL1, KL divergence) and
-// fusedloss::distillation.
+// Whole-loss ops with their autograd in C++: fusedloss::cross_entropy,
+// fusedloss::elementwise_loss (BCE-with-logits, Huber / SmoothL1, KL divergence),
+// fusedloss::distillation and fusedloss::softmax_focal.
 //
 // Why: on a small batch (32 x 10) the time of a loss is per-call overhead, not memory traffic. A
 // Python autograd.Function, its ctx and a dozen small tensor ops from Python cost 2-3x what torch's
@@ -21,6 +21,7 @@
 #include <ATen/ExpandUtils.h>
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
@@ -74,10 +75,50 @@ bool plain_cpu(const Tensor& t) {
              c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
 }
 
-// A per-row loss reduced (cross-entropy, distillation): out, and for the mean its denominator,
-// the sum of weight[target] (the count without weights; every row without targets) over
-// non-ignored rows, times `factor`: a device tensor (no host sync), or on plain CPU tensors a
-// number.
+// The mean's denominator of a per-row loss: the sum of w[target] (the count without w; every row
+// when t is undefined) over non-ignored rows, times `factor`; a number on plain CPU tensors (one
+// loop, accumulated in fp64: a small batch's time is per-call overhead), else a device tensor (no
+// host sync). host: plain CPU tensors; opts: the rows' device and acc dtype. t: [rows] int64 or
+// undefined; w: [C] acc dtype.
+struct Denominator {
+  Tensor dev;
+  double host = 0;  // 0: none (a device denominator, or none needed)
+};
+
+Denominator denominator(bool host, const at::TensorOptions& opts, int64_t rows, const Tensor& t,
+                        const optional<Tensor>& w, int64_t ignore_index, int64_t C,
+                        double factor) {
+  Denominator d;
+  if (host) {
+    double den = t.defined() ? 0 : static_cast<double>(rows);
+    if (t.defined()) {
+      AT_DISPATCH_FLOATING_TYPES(c10::typeMetaToScalarType(opts.dtype()), "denominator", [&] {
+        const int64_t* tp = t.const_data_ptr<int64_t>();
+        const scalar_t* wp = w.has_value() ? w->const_data_ptr<scalar_t>() : nullptr;
+        for (int64_t i = 0; i < rows; ++i) {
+          if (tp[i] == ignore_index) continue;
+          den += wp ? static_cast<double>(wp[std::clamp<int64_t>(tp[i], 0, C - 1)]) : 1.0;
+        }
+      });
+    }
+    d.host = den * factor;
+  } else if (!t.defined()) {
+    d.dev = at::scalar_tensor(static_cast<double>(rows) * factor, opts);
+  } else {
+    const Tensor valid = t.ne(ignore_index);
+    if (w.has_value()) {
+      const Tensor wy = w->index_select(0, t.clamp(0, C - 1));
+      d.dev = at::where(valid, wy, 0.0).sum();
+    } else {
+      d.dev = valid.sum(c10::typeMetaToScalarType(opts.dtype()));
+    }
+    if (factor != 1) d.dev = d.dev.mul(factor);
+  }
+  return d;
+}
+
+// A per-row loss reduced (cross-entropy, distillation, softmax focal): out, and for the mean its
+// denominator (above), which backward divides by.
 struct RowReduction {
   Tensor out, denom;
   double denom_host = 0;  // 0: none
@@ -89,45 +130,29 @@ RowReduction reduce_rows(const Tensor& loss, const Tensor& t, const optional<Ten
   RowReduction r;
   if (reduction == 0) {
     r.out = loss;
-  } else if (plain_cpu(loss)) {
-    // One loop over the rows instead of four small tensor ops (a small batch's time is per-call
-    // overhead), accumulated in fp64; the mean's denominator kept as a number for backward.
-    double sum = 0, den = 0;
+    return r;
+  }
+  if (reduction == 1) {
+    const Denominator d = denominator(plain_cpu(loss), loss.options(), loss.numel(), t, w,
+                                      ignore_index, C, factor);
+    r.denom = d.dev;
+    r.denom_host = d.host;
+  }
+  if (plain_cpu(loss)) {
+    // One loop over the rows instead of small tensor ops, accumulated in fp64.
+    double sum = 0;
     AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "reduce_rows", [&] {
       const scalar_t* l = loss.const_data_ptr<scalar_t>();
-      const int64_t* tp = t.defined() ? t.const_data_ptr<int64_t>() : nullptr;
-      const scalar_t* wp = w.has_value() ? w->const_data_ptr<scalar_t>() : nullptr;
-      for (int64_t i = 0; i < loss.numel(); ++i) {
-        sum += static_cast<double>(l[i]);
-        if (tp && tp[i] == ignore_index) continue;
-        den += wp ? static_cast<double>(wp[std::clamp<int64_t>(tp[i], 0, C - 1)]) : 1.0;
-      }
+      for (int64_t i = 0; i < loss.numel(); ++i) sum += static_cast<double>(l[i]);
     });
-    if (reduction == 1) {
-      r.denom_host = den * factor;
-      sum /= r.denom_host;  // 0 / 0 = NaN for an all-ignored batch, as torch
-    }
+    if (reduction == 1) sum /= r.denom_host;  // 0 / 0 = NaN for an all-ignored batch, as torch
     Tensor out = at::empty({}, loss.options());
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "reduce_out", [&] {
       *out.data_ptr<scalar_t>() = static_cast<scalar_t>(sum);
     });
     r.out = out;
-  } else if (reduction == 2) {
-    r.out = loss.sum();
   } else {
-    if (!t.defined()) {
-      r.denom = at::scalar_tensor(static_cast<double>(loss.numel()) * factor, loss.options());
-    } else {
-      const Tensor valid = t.ne(ignore_index);
-      if (w.has_value()) {
-        const Tensor wy = w->index_select(0, t.clamp(0, C - 1));
-        r.denom = at::where(valid, wy, 0.0).sum();
-      } else {
-        r.denom = valid.sum(loss.scalar_type());
-      }
-      if (factor != 1) r.denom = r.denom.mul(factor);
-    }
-    r.out = loss.sum().div(r.denom);
+    r.out = reduction == 2 ? loss.sum() : loss.sum().div(r.denom);
   }
   return r;
 }
@@ -176,27 +201,33 @@ CEForward ce_forward(const Tensor& input, const Tensor& target, const optional<T
 }
 
 // The checks the Python functional makes, for the op's own callers and for its fast path (which
-// calls this op first and, if it raises, takes the full Python path for torch's error message).
-void check_ce(const Tensor& input, const Tensor& target, const optional<Tensor>& weight,
-              int64_t reduction, double label_smoothing, double z_loss) {
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()) && input.dim() >= 1,
-              "fusedloss::cross_entropy: input must be a floating tensor (C,), (N, C) or (N, C, ...)");
+// calls this op first and, if it raises, takes the full Python path for torch's error message):
+// logits, class-index targets and per-class weights (cross-entropy's weight, focal's alpha).
+void check_class_rows(const char* op, const Tensor& input, const Tensor& target,
+                      const optional<Tensor>& weight, int64_t reduction) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()) && input.dim() >= 1, op,
+              ": input must be a floating tensor (C,), (N, C) or (N, C, ...)");
   const int64_t C = input.dim() == 1 ? input.size(0) : input.size(1);
-  TORCH_CHECK(C >= 1, "fusedloss::cross_entropy: input has no class");
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte,
-              "fusedloss::cross_entropy: target must hold int64 (or uint8) class indices");
+  TORCH_CHECK(C >= 1, op, ": input has no class");
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte, op,
+              ": target must hold int64 (or uint8) class indices");
   bool shape_ok = target.dim() == std::max<int64_t>(input.dim() - 1, 0);
   for (int64_t i = 0; shape_ok && i < target.dim(); ++i)
     shape_ok = target.size(i) == input.size(i == 0 ? 0 : i + 1);
-  TORCH_CHECK(shape_ok, "fusedloss::cross_entropy: target must have the input's shape without C");
-  TORCH_CHECK(target.device() == input.device(), "fusedloss::cross_entropy: target's device");
+  TORCH_CHECK(shape_ok, op, ": target must have the input's shape without C");
+  TORCH_CHECK(target.device() == input.device(), op, ": target's device");
   if (weight.has_value() && weight->defined())
     TORCH_CHECK(at::isFloatingType(weight->scalar_type()) && weight->dim() == 1 &&
                     weight->size(0) == C && weight->device() == input.device(),
-                "fusedloss::cross_entropy: weight must be a floating (C,) vector on input's device");
-  TORCH_CHECK(reduction >= 0 && reduction <= 2 && label_smoothing >= 0 && label_smoothing <= 1 &&
-                  z_loss >= 0,
-              "fusedloss::cross_entropy: reduction, label_smoothing or z_loss out of range");
+                op, ": the class weights must be a floating (C,) vector on input's device");
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, op, ": reduction out of range");
+}
+
+void check_ce(const Tensor& input, const Tensor& target, const optional<Tensor>& weight,
+              int64_t reduction, double label_smoothing, double z_loss) {
+  check_class_rows("fusedloss::cross_entropy", input, target, weight, reduction);
+  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1 && z_loss >= 0,
+              "fusedloss::cross_entropy: label_smoothing or z_loss out of range");
 }
 
 // In a backward Node's apply: the backward ops skip the autograd and ADInplaceOrView layers (their
@@ -647,18 +678,139 @@ Tensor elementwise_plain(int64_t kind, const Tensor& input, const Tensor& target
                     reduction, out_dtype);
 }
 
+// ---- softmax focal loss over class-index targets ----------------------------------------------
+
+using FocalFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const optional<Tensor>&,
+                                            const optional<Tensor>&, int64_t, double, bool);
+
+void check_focal(const Tensor& input, const Tensor& target, const optional<Tensor>& alpha,
+                 double gamma, int64_t reduction) {
+  check_class_rows("fusedloss::softmax_focal", input, target, alpha, reduction);
+  TORCH_CHECK(gamma >= 0 && std::isfinite(gamma),
+              "fusedloss::softmax_focal: gamma must be finite and >= 0");
+}
+
+struct FocalForward {
+  Tensor out, grad;  // grad (if asked for): d(reduced loss)/d(input), the input's shape
+};
+
+// One kernel pass for the loss and, if compute_grad, the gradient for grad_output = 1, scaled for
+// the reduction (mean: by 1 / the denominator, which is therefore found first).
+FocalForward focal_forward(const Tensor& input, const Tensor& target, const optional<Tensor>& alpha,
+                           double gamma, int64_t ignore_index, int64_t reduction,
+                           at::ScalarType out_dtype, bool compute_grad) {
+  const Tensor x3 = rows3d(input);
+  const auto acc = acc_of(input);
+  const int64_t C = x3.size(1);
+  const Tensor t = dense(cast(target.dim() == 1 ? target : target.reshape(-1), at::kLong));
+  optional<Tensor> a;
+  if (alpha.has_value() && alpha->defined()) a = dense(cast(*alpha, acc));
+  optional<Tensor> scale;
+  if (compute_grad && reduction == 1) {
+    const bool host = plain_cpu(x3) && plain_cpu(t);
+    const Denominator d =
+        denominator(host, x3.options().dtype(acc), t.numel(), t, a, ignore_index, C, 1.0);
+    if (host) {
+      Tensor s = at::empty({1}, x3.options().dtype(acc));
+      AT_DISPATCH_FLOATING_TYPES(acc, "focal_scale", [&] {
+        *s.data_ptr<scalar_t>() = static_cast<scalar_t>(1.0 / d.host);  // inf if all ignored
+      });
+      scale = s;
+    } else {
+      scale = d.dev.reciprocal().reshape({1});
+    }
+  }
+  static auto fwd = typed_op<FocalFwd>("fusedloss::softmax_focal_fwd");
+  auto [loss, grad] = fwd.call(x3, t, a, scale, ignore_index, gamma, compute_grad);
+  FocalForward f;
+  f.out = reduce_rows(loss, t, a, ignore_index, C, reduction, 1.0).out;
+  if (reduction == 0) f.out = f.out.view_symint(target.sym_sizes());
+  f.out = cast(f.out, out_dtype);
+  if (compute_grad) f.grad = grad.view_symint(input.sym_sizes());
+  return f;
+}
+
+// Backward of fusedloss::softmax_focal: the gradient from forward's pass times grad_output. A CPU
+// grad_output of 1 hands it over as it is: unless the graph is retained, the engine drops this
+// node's reference before AccumulateGrad runs, which then keeps it as .grad without a copy.
+struct SoftmaxFocalBackward : torch::autograd::Node {
+  Tensor grad;
+  int64_t reduction = 0;
+
+  std::string name() const override { return "fusedloss::SoftmaxFocalBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    grad.reset();
+  }
+
+  variable_list apply(variable_list&& grad_outputs) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list grads(2);  // input, alpha (which gets none, as the Python Function's)
+    const Tensor& go = grad_outputs[0];
+    if (!go.defined() || !task_should_compute_output(0)) return grads;
+    TORCH_CHECK(grad.defined(), torch::autograd::ERR_BACKWARD_TWICE);
+    if (reduction == 0) {  // one factor per row, broadcast over the classes
+      const Tensor g3 = rows3d(grad);
+      grads[0] = g3.mul(go.reshape({g3.size(0), 1, g3.size(2)})).view_symint(grad.sym_sizes());
+    } else if (!at::GradMode::is_enabled() && plain_cpu(go) && go.numel() == 1 &&
+               go.item<double>() == 1.0) {
+      grads[0] = grad;
+    } else {
+      grads[0] = grad.mul(go);
+    }
+    if (at::GradMode::is_enabled() && go.requires_grad()) {
+      // create_graph: differentiating this gradient again raises, as once_differentiable makes
+      // the Python Function's.
+      grads[0] = torch::autograd::DelayedError(
+                     "fusedloss::softmax_focal: the gradient is not differentiable again", 1)
+                     .apply({grads[0]})[0];
+    }
+    return grads;
+  }
+};
+
+Tensor softmax_focal_autograd(const Tensor& input, const Tensor& target,
+                              const optional<Tensor>& alpha, double gamma, int64_t ignore_index,
+                              int64_t reduction, at::ScalarType out_dtype) {
+  check_focal(input, target, alpha, gamma, reduction);
+  const bool needs_grad = torch::autograd::compute_requires_grad(input, alpha);
+  FocalForward f;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    f = focal_forward(input, target, alpha, gamma, ignore_index, reduction, out_dtype,
+                      needs_grad && input.requires_grad());
+  }
+  if (needs_grad) {
+    auto node = c10::make_intrusive<SoftmaxFocalBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(input, alpha));
+    node->grad = std::move(f.grad);
+    node->reduction = reduction;
+    torch::autograd::set_history(f.out, node);
+  }
+  return f.out;
+}
+
+Tensor softmax_focal_plain(const Tensor& input, const Tensor& target,
+                           const optional<Tensor>& alpha, double gamma, int64_t ignore_index,
+                           int64_t reduction, at::ScalarType out_dtype) {
+  check_focal(input, target, alpha, gamma, reduction);
+  return focal_forward(input, target, alpha, gamma, ignore_index, reduction, out_dtype, false).out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) {
   m.impl("cross_entropy", &cross_entropy_autograd);
   m.impl("elementwise_loss", &elementwise_autograd);
   m.impl("distillation", &distillation_autograd);
+  m.impl("softmax_focal", &softmax_focal_autograd);
 }
 
 TORCH_LIBRARY_IMPL(fusedloss, CompositeExplicitAutograd, m) {
   m.impl("cross_entropy", &cross_entropy_plain);
   m.impl("elementwise_loss", &elementwise_plain);
   m.impl("distillation", &distillation_plain);
+  m.impl("softmax_focal", &softmax_focal_plain);
 }
 
 }  // namespace fusedloss

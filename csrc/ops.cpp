@@ -68,6 +68,10 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "cross_entropy(Tensor input, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing, float z_loss, ScalarType out_dtype) -> Tensor");
+  // Softmax focal loss over class-index targets (shapes as cross_entropy; alpha per class).
+  m.def(
+      "softmax_focal(Tensor input, Tensor target, Tensor? alpha, float gamma, int ignore_index, "
+      "int reduction, ScalarType out_dtype) -> Tensor");
   // kind 0: BCE-with-logits, 1: Huber (SmoothL1 if flag), 2: KL divergence (log_target if flag;
   // reduction 3: batchmean); input and target of one shape and dtype; weight (BCE, Huber) and
   // pos_weight (BCE) broadcast to it, needing no gradient.

@@ -1,7 +1,7 @@
 // fusedloss._C as a Python module. Loading it runs the library's registrations (the op schemas in
 // ops.cpp, each loss's kernels in its own file, the autograd in autograd.cpp); the module itself
-// holds the eager fast paths of the whole-loss ops (cross-entropy, the element-wise losses and
-// distillation).
+// holds the eager fast paths of the whole-loss ops (cross-entropy, the element-wise losses,
+// distillation and softmax focal).
 //
 // Why: a small batch's loss is per-call overhead, and calling torch.ops.fusedloss.cross_entropy
 // (or another op) from Python costs 2-4 us before the kernel starts (the overload's Python frame,
@@ -183,12 +183,31 @@ PyObject* distillation(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   });
 }
 
+// softmax_focal(input, target, alpha, gamma, ignore_index, reduction); int64 targets only.
+PyObject* softmax_focal(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return direct_call(args, nargs, 6, [](Args& a) {
+    using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           double, int64_t, int64_t, at::ScalarType);
+    static const auto op = typed_op<Sig>("fusedloss::softmax_focal");
+    const at::Tensor x = a.tensor(0), t = a.tensor(1);
+    const std::optional<at::Tensor> alpha = a.tensor_or_none(2);
+    const double gamma = a.number(3);
+    const int64_t ignore_index = a.integer(4), reduction = a.reduction(5);
+    a.ok = a.ok && t.scalar_type() == at::kLong;
+    return [=] {
+      return op.redispatch(kAutograd, x, t, alpha, gamma, ignore_index, reduction,
+                           x.scalar_type());
+    };
+  });
+}
+
 #define FL_DIRECT(name)                                                                      \
   {#name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(name)), METH_FASTCALL, \
    "fusedloss::" #name "'s eager fast path (csrc/python.cpp); None where it does not apply."}
 
 PyMethodDef methods[] = {FL_DIRECT(cross_entropy), FL_DIRECT(elementwise_loss),
-                         FL_DIRECT(distillation), {nullptr, nullptr, 0, nullptr}};
+                         FL_DIRECT(distillation), FL_DIRECT(softmax_focal),
+                         {nullptr, nullptr, 0, nullptr}};
 #undef FL_DIRECT
 
 }  // namespace

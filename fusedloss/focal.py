@@ -11,10 +11,10 @@ import numbers
 import torch
 
 from . import _backend
-from ._common import (REDUCTIONS, FusedLossTypeError, FusedLossValueError, amp_dtype,
-                      check_class_targets_for, check_index_target, check_same_device,
-                      check_tensor, class_count, class_weight_sum, reduce_loss,
-                      resolve_reduction)
+from ._common import (REDUCTION_CODE, REDUCTIONS, FusedLossTypeError, FusedLossValueError,
+                      amp_dtype, call_or_none, check_class_targets_for, check_index_target,
+                      check_same_device, check_tensor, class_count, class_weight_sum, out_dtype,
+                      reduce_loss, resolve_reduction)
 from .cross_entropy import _rows3d
 from .reference import acc_dtype
 
@@ -35,6 +35,10 @@ if _backend.HAS_CPP:
         else:
             loss = input.new_empty(input.shape, dtype=acc)
         return loss, input.new_empty(input.shape) if compute_grad else input.new_empty(0)
+
+    @torch.library.register_fake("fusedloss::softmax_focal")
+    def _whole_fake(input, target, alpha, gamma, ignore_index, reduction, out_dtype):
+        return input.new_empty(target.shape if reduction == 0 else (), dtype=out_dtype)
 
     @torch.library.register_fake("fusedloss::softmax_focal_fwd")
     def _softmax_fake(logits, target, alpha, grad_scale, ignore_index, gamma, compute_grad):
@@ -149,6 +153,10 @@ def sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: float = 2.0,
 
 
 _SFN = "fusedloss.softmax_focal_loss"
+# fusedloss::softmax_focal (one call: kernel, reduction and autograd in C++, csrc/autograd.cpp) and
+# its Autograd kernel called without the dispatcher in plain eager calls (csrc/python.cpp).
+_whole_op = torch.ops.fusedloss.softmax_focal.default if _backend.HAS_CPP else None
+_direct = getattr(_backend.C_MODULE, "softmax_focal", None)
 
 
 class _SoftmaxFocal(torch.autograd.Function):
@@ -199,6 +207,22 @@ def softmax_focal_loss(input, target, gamma: float = 2.0, alpha=None, ignore_ind
     gamma = 0 this equals cross_entropy(input, target, weight=alpha, ignore_index=...).
     Target range: as cross_entropy (IndexError on CPU tensors, a device-side assert on CUDA).
     """
+    if _direct is not None and not torch.compiler.is_compiling() and _backend.cpu_op():
+        out = _direct(input, target, alpha, gamma, ignore_index, reduction)
+        if out is not None:
+            return out
+    if (type(input) is torch.Tensor and type(target) is torch.Tensor and input.is_cpu
+            and target.dtype is torch.int64 and type(gamma) in (float, int)
+            and (alpha is None or type(alpha) is torch.Tensor) and type(reduction) is str
+            and _backend.cpu_op()):
+        # The common case as one call of the C++ op (see call_or_none): under autocast, a mode
+        # or torch.compile, which the direct call leaves to the dispatcher.
+        code = REDUCTION_CODE.get(reduction)
+        if code is not None:
+            out = call_or_none(_whole_op, input, target, alpha, float(gamma), int(ignore_index),
+                               code, out_dtype(input))
+            if out is not None:
+                return out
     reduction = resolve_reduction(reduction)
     n_classes = class_count(input)
     check_tensor("target", target, floating=False)

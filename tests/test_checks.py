@@ -342,6 +342,8 @@ def _direct_cases():
                   lambda x: F.huber_loss(x, y, delta=0.5, reduction="sum")),
         "distillation": (lambda x: C.distillation(x, y, None, 2.0, 0.0, -100, 0.0, "batchmean"),
                          lambda x: F.distillation_loss(x, y, temperature=2.0)),
+        "softmax_focal": (lambda x: C.softmax_focal(x, t, None, 2.0, -100, "mean"),
+                          lambda x: F.softmax_focal_loss(x, t)),
     }
 
 
@@ -365,7 +367,7 @@ class _Subclass(torch.Tensor):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
-@pytest.mark.parametrize("case", ["cross_entropy", "huber", "distillation"])
+@pytest.mark.parametrize("case", ["cross_entropy", "huber", "distillation", "softmax_focal"])
 def test_direct_calls_only_in_plain_eager(case):
     """The direct calls (an op's Autograd kernel without the dispatcher) decline, returning None,
     wherever the dispatcher or Python could have taken the call: a mode, a tracer, a functorch
@@ -402,9 +404,10 @@ def test_direct_calls_only_in_plain_eager(case):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_direct_calls_are_the_ops(dtype):
-    """The element-wise and distillation direct calls return what their ops return, loss and
-    gradient bit for bit, for each loss kind, reduction and option (cross-entropy's:
-    test_cross_entropy.py); arguments an op rejects give None (the functional then names them)."""
+    """The element-wise, distillation and softmax focal direct calls return what their ops
+    return, loss and gradient bit for bit, for each loss kind, reduction and option
+    (cross-entropy's: test_cross_entropy.py); arguments an op rejects give None (the functional
+    then names them)."""
     C = _backend.C_MODULE
     g = torch.Generator().manual_seed(7)
 
@@ -412,6 +415,7 @@ def test_direct_calls_are_the_ops(dtype):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * 2).to(dtype)
 
     y, w, pw = r(6, 7), r(6, 7).abs(), r(7).abs()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     p = y.double().sigmoid().to(dtype)
     t = torch.randint(0, 7, (6,), generator=g)
     t[2] = -1
@@ -429,6 +433,10 @@ def test_direct_calls_are_the_ops(dtype):
         for beta, target, hard in [(0.0, None, 0.0), (0.5, t, 0.3), (1.0, t, 0.0)]:
             cases.append((C.distillation, torch.ops.fusedloss.distillation.default,
                           (y, target, 2.0, beta, -1, hard), red, code))
+    for red, code in [("none", 0), ("mean", 1), ("sum", 2)]:
+        for alpha, gamma in [(None, 2.0), (w[0].to(acc), 0.0), (w[1].to(acc), 1.5)]:
+            cases.append((C.softmax_focal, torch.ops.fusedloss.softmax_focal.default,
+                          (t, alpha, gamma, -1), red, code))
     for direct, op, rest, red, code in cases:
         x = r(6, 7).requires_grad_()
         if direct is C.elementwise_loss:

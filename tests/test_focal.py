@@ -468,6 +468,55 @@ def test_opcheck():
         opcheck(torch.ops.fusedloss.softmax_focal_fwd.default, args)
 
 
+def test_opcheck_whole_softmax_loss():
+    """fusedloss::softmax_focal (the one-call op with its autograd in C++) for every reduction,
+    alpha, fp64 (gradcheck) and bf16 under an fp32 out_dtype (autocast)."""
+    t = torch.randint(0, 13, (5, 2))
+    t[1, 0] = -100
+    alpha = torch.rand(13, dtype=torch.float64)
+    for dtype, out in [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)]:
+        x = (torch.randn(5, 13, 2, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+        for red in (0, 1, 2):
+            for a, gamma in [(None, 2.0), (alpha, 0.5)]:
+                opcheck(torch.ops.fusedloss.softmax_focal.default,
+                        (x, t, a, gamma, -100, red, out))
+
+
+def test_whole_softmax_op_graph_rules():
+    """The C++ node of fusedloss::softmax_focal hands its gradient over for grad_output 1 and
+    keeps autograd's rules: with retain_graph the second backward gives the same gradient even
+    after .grad was changed in place (the handed-over tensor was copied, not kept), without it a
+    second backward raises, grad_output scales, a second derivative raises (as the Python
+    Function's once_differentiable), alpha gets no gradient, and under no_grad no graph."""
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(6, 5, generator=g) * 3).requires_grad_()
+    t = torch.tensor([0, 4, -100, 2, 3, 1])
+    xd = x.detach().double().requires_grad_()
+    want = torch.autograd.grad(stable_softmax(xd, t, 2.0), xd)[0].float()
+    loss = softmax_focal_loss(x, t)
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-7)
+    g1 = x.grad.clone()
+    x.grad.zero_()
+    loss.backward()
+    assert torch.equal(x.grad, g1)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    for red, go in [("mean", torch.tensor(3.0)), ("none", torch.rand(6, generator=g))]:
+        (gs,) = torch.autograd.grad(softmax_focal_loss(x, t, reduction=red), x, go)
+        (gr,) = torch.autograd.grad(stable_softmax(xd, t, 2.0, reduction=red), xd, go.double())
+        torch.testing.assert_close(gs.double(), gr, rtol=1e-5, atol=1e-7)
+    loss = softmax_focal_loss(x, t)
+    (gg,) = torch.autograd.grad(loss, x, torch.ones((), requires_grad=True), create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable again"):
+        gg.sum().backward()
+    alpha = torch.rand(5, requires_grad=True)
+    loss = softmax_focal_loss(x, t, alpha=alpha)
+    assert torch.autograd.grad(loss, (x, alpha), allow_unused=True)[1] is None
+    with torch.no_grad():
+        assert softmax_focal_loss(x, t).grad_fn is None
+
+
 def test_compile_fullgraph():
     torch._dynamo.reset()
     conv = torch.nn.Conv2d(4, 5, 1)
