@@ -7,9 +7,12 @@ At this size a loss's time is Python, dispatch and autograd overhead.
     python bench/bench_small_batch.py [label] [--rounds R] [--calls N] [--shape NxC[,NxC...]]
 
 --shape times other batches, one line each (64x64: a few thousand elements, where fusedloss should
-already win).
+already win). --ops-too also times fusedloss with its direct calls switched off (each loss's
+`_direct` set to None between blocks, so that the whole-loss ops are called through torch.ops, as
+under a mode or a profiler), interleaved in the same rounds: what csrc/python.cpp saves.
 """
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -57,6 +60,8 @@ def main():
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=1000)
     p.add_argument("--shape", default="32x10", help="NxC, or several, comma-separated")
+    p.add_argument("--ops-too", action="store_true",
+                   help="also time fusedloss through torch.ops (direct calls off)")
     args = p.parse_args()
     torch.set_num_threads(1)
     for shape in args.shape.lower().split(","):
@@ -91,14 +96,36 @@ def run_shape(n, c, args):
     for name, theirs, ours, target in cases:
         block_us(theirs, x0, target, args.calls)  # warm-up
         block_us(ours, x0, target, args.calls)
-        a, b = [], []
+        a, b, c = [], [], []
         for _ in range(args.rounds):
             a.append(block_us(theirs, x0, target, args.calls))
             b.append(block_us(ours, x0, target, args.calls))
+            if args.ops_too:
+                with _direct_calls_off():
+                    c.append(block_us(ours, x0, target, args.calls))
         ratio = statistics.median(y / x for x, y in zip(a, b))
-        out.append(f"{name} torch={statistics.median(a):.0f}us "
-                   f"fusedloss={statistics.median(b):.0f}us ratio={ratio:.2f}")
+        line = (f"{name} torch={statistics.median(a):.0f}us "
+                f"fusedloss={statistics.median(b):.0f}us ratio={ratio:.2f}")
+        if c:
+            line += (f" ops={statistics.median(c):.0f}us "
+                     f"ratio_ops={statistics.median(y / x for x, y in zip(a, c)):.2f}")
+        out.append(line)
     return out
+
+
+@contextlib.contextmanager
+def _direct_calls_off():
+    """The functionals' direct calls (csrc/python.cpp) switched off: they call the ops."""
+    modules = [fusedloss.cross_entropy, fusedloss._elementwise, fusedloss.distillation,
+               fusedloss.focal]
+    saved = [m._direct for m in modules]
+    for m in modules:
+        m._direct = None
+    try:
+        yield
+    finally:
+        for m, d in zip(modules, saved):
+            m._direct = d
 
 
 if __name__ == "__main__":
