@@ -5,7 +5,9 @@
 // Why: on a small batch (32 x 10) the time of a loss is per-call overhead, not memory traffic. A
 // Python autograd.Function, its ctx and a dozen small tensor ops from Python cost 2-3x what torch's
 // own cross_entropy costs in all. Here one op call from Python runs the forward kernel, the
-// reduction and the autograd bookkeeping in C++, and backward runs without entering Python.
+// reduction and the autograd bookkeeping in C++, and backward runs without entering Python. In
+// plain eager calls on CPU tensors the functionals reach these Autograd kernels without the
+// dispatcher's boxed call from Python (csrc/python.cpp).
 // The kernels are the same ops as the Python path's (called through the dispatcher, so CUDA
 // tensors reach the Triton kernels registered for "cuda"); the Python path stays for what these
 // ops do not cover (probability targets, inplace_backward, input and target of different shapes or
