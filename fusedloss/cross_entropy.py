@@ -49,14 +49,13 @@ if _backend.HAS_CPP:
         return input.new_empty(target.shape if reduction == 0 else (), dtype=out_dtype)
 
     _whole_op = torch.ops.fusedloss.cross_entropy.default
-    # Its Autograd kernel called without the dispatcher, in plain eager calls (csrc/python.cpp).
-    _direct = getattr(_backend.C_MODULE, "cross_entropy", None)
-else:
-    _direct = None
 
     if _tk is not None:
         for _name in ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace"):
             _backend.register_triton(_name, getattr(_tk, _name))
+
+# Its Autograd kernel called without the dispatcher, in plain eager calls (csrc/python.cpp).
+_direct = getattr(_backend.C_MODULE, "cross_entropy", None)
 
 
 def _rows3d(input: torch.Tensor) -> torch.Tensor:

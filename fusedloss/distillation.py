@@ -26,17 +26,12 @@ if _backend.HAS_TRITON:
 else:
     _tk = None
 
-_direct = None
 if _backend.HAS_CPP:
 
     @torch.library.register_fake("fusedloss::distillation")
     def _whole_fake(student, teacher, target, temperature, beta, ignore_index, hard_weight,
                     reduction, out_dtype):
         return student.new_empty(student.shape[:-1] if reduction == 0 else (), dtype=out_dtype)
-
-    # The op's Autograd kernel called without the dispatcher, in plain eager calls
-    # (csrc/python.cpp).
-    _direct = getattr(_backend.C_MODULE, "distillation", None)
 
     @torch.library.register_fake("fusedloss::distill_fwd")
     def _fwd_fake(student, teacher, target, temperature, beta, ignore_index, hard_weight):
@@ -114,6 +109,8 @@ class _Distill(torch.autograd.Function):
         return (grad.view(student.shape),) + (None,) * 8
 
 
+# The op's Autograd kernel called without the dispatcher, in plain eager calls (csrc/python.cpp).
+_direct = getattr(_backend.C_MODULE, "distillation", None)
 _NUMBER = (float, int)
 
 

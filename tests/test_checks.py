@@ -456,3 +456,20 @@ def test_direct_calls_are_the_ops(dtype):
                 (0, x, y, None, None, 0.0, False, "avg")]:
         assert C.elementwise_loss(*bad) is None
     assert C.distillation(x, y.detach().requires_grad_(), None, 1.0, 0.0, -1, 0.0, "sum") is None
+
+
+# ---------------------------------------------------------------- CUDA registrations
+
+KERNEL_OPS = ["cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace",
+              "sigmoid_focal_fwd", "softmax_focal_fwd", "bce_fwd", "bce_bwd", "huber_fwd",
+              "huber_bwd", "kl_div_fwd", "kl_div_bwd", "distill_fwd", "distill_bwd",
+              "distill_bwd_inplace", "linear_cross_entropy"]
+
+
+@pytest.mark.skipif(not (_backend.HAS_CPP and _backend.HAS_TRITON), reason="needs C++ and triton")
+def test_every_kernel_op_has_its_triton_kernel_for_cuda():
+    """Each op with a CPU kernel in C++ has its Triton launcher registered for CUDA tensors (checked
+    in the dispatcher's table, so that a registration lost to a code move shows without a GPU)."""
+    missing = [name for name in KERNEL_OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"fusedloss::{name}", "CUDA")]
+    assert not missing, missing
