@@ -119,27 +119,30 @@ Denominator denominator(bool host, const at::TensorOptions& opts, int64_t rows, 
   return d;
 }
 
+// A new CPU tensor of the given sizes and floating dtype holding v, written without an op call.
+Tensor number_tensor(double v, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  Tensor out = at::empty(sizes, opts);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "number_tensor", [&] {
+    *out.data_ptr<scalar_t>() = static_cast<scalar_t>(v);
+  });
+  return out;
+}
+
 // A per-row loss reduced (cross-entropy, distillation, softmax focal): out, and for the mean its
 // denominator (above), which backward divides by.
 struct RowReduction {
-  Tensor out, denom;
-  double denom_host = 0;  // 0: none
+  Tensor out;
+  Denominator denom;
 };
 
-// reduction: 0 none (out = loss), 1 mean, 2 sum. t: [rows] int64 or undefined; w: [C] acc dtype.
-RowReduction reduce_rows(const Tensor& loss, const Tensor& t, const optional<Tensor>& w,
-                         int64_t ignore_index, int64_t C, int64_t reduction, double factor) {
+// reduction: 0 none (out = loss), 1 mean (over d), 2 sum.
+RowReduction reduce_rows(const Tensor& loss, int64_t reduction, Denominator d) {
   RowReduction r;
   if (reduction == 0) {
     r.out = loss;
     return r;
   }
-  if (reduction == 1) {
-    const Denominator d = denominator(plain_cpu(loss), loss.options(), loss.numel(), t, w,
-                                      ignore_index, C, factor);
-    r.denom = d.dev;
-    r.denom_host = d.host;
-  }
+  if (reduction == 1) r.denom = std::move(d);
   if (plain_cpu(loss)) {
     // One loop over the rows instead of small tensor ops, accumulated in fp64.
     double sum = 0;
@@ -147,16 +150,21 @@ RowReduction reduce_rows(const Tensor& loss, const Tensor& t, const optional<Ten
       const scalar_t* l = loss.const_data_ptr<scalar_t>();
       for (int64_t i = 0; i < loss.numel(); ++i) sum += static_cast<double>(l[i]);
     });
-    if (reduction == 1) sum /= r.denom_host;  // 0 / 0 = NaN for an all-ignored batch, as torch
-    Tensor out = at::empty({}, loss.options());
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "reduce_out", [&] {
-      *out.data_ptr<scalar_t>() = static_cast<scalar_t>(sum);
-    });
-    r.out = out;
+    if (reduction == 1) sum /= r.denom.host;  // 0 / 0 = NaN for an all-ignored batch, as torch
+    r.out = number_tensor(sum, {}, loss.options());
   } else {
-    r.out = reduction == 2 ? loss.sum() : loss.sum().div(r.denom);
+    r.out = reduction == 2 ? loss.sum() : loss.sum().div(r.denom.dev);
   }
   return r;
+}
+
+// The same, finding the mean's denominator first. t: [rows] int64 or undefined; w: [C] acc dtype.
+RowReduction reduce_rows(const Tensor& loss, const Tensor& t, const optional<Tensor>& w,
+                         int64_t ignore_index, int64_t C, int64_t reduction, double factor) {
+  Denominator d;
+  if (reduction == 1)
+    d = denominator(plain_cpu(loss), loss.options(), loss.numel(), t, w, ignore_index, C, factor);
+  return reduce_rows(loss, reduction, std::move(d));
 }
 
 // Backward's per-row (or scalar) grad_scale: grad_output over the mean's denominator, in acc.
@@ -166,15 +174,11 @@ Tensor grad_scale(const Tensor& go, const RowReduction& r, at::ScalarType acc) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "go", [&] {
       g = static_cast<double>(*go.const_data_ptr<scalar_t>());
     });
-    Tensor scale = at::empty({1}, go.options().dtype(acc));
-    AT_DISPATCH_FLOATING_TYPES(acc, "scale", [&] {
-      *scale.data_ptr<scalar_t>() = static_cast<scalar_t>(r.denom_host != 0 ? g / r.denom_host : g);
-    });
-    return scale;
+    return number_tensor(r.denom.host != 0 ? g / r.denom.host : g, {1}, go.options().dtype(acc));
   }
   Tensor scale = cast(go.reshape(-1), acc);
-  if (r.denom.defined()) scale = scale.div(r.denom);
-  if (r.denom_host != 0) scale = scale.div(r.denom_host);
+  if (r.denom.dev.defined()) scale = scale.div(r.denom.dev);
+  if (r.denom.host != 0) scale = scale.div(r.denom.host);
   return dense(scale);
 }
 
@@ -707,25 +711,20 @@ FocalForward focal_forward(const Tensor& input, const Tensor& target, const opti
   const Tensor t = dense(cast(target.dim() == 1 ? target : target.reshape(-1), at::kLong));
   optional<Tensor> a;
   if (alpha.has_value() && alpha->defined()) a = dense(cast(*alpha, acc));
+  // The mean's denominator, found once: the gradient's scale and the loss's divisor.
+  Denominator d;
   optional<Tensor> scale;
-  if (compute_grad && reduction == 1) {
-    const bool host = plain_cpu(x3) && plain_cpu(t);
-    const Denominator d =
-        denominator(host, x3.options().dtype(acc), t.numel(), t, a, ignore_index, C, 1.0);
-    if (host) {
-      Tensor s = at::empty({1}, x3.options().dtype(acc));
-      AT_DISPATCH_FLOATING_TYPES(acc, "focal_scale", [&] {
-        *s.data_ptr<scalar_t>() = static_cast<scalar_t>(1.0 / d.host);  // inf if all ignored
-      });
-      scale = s;
-    } else {
-      scale = d.dev.reciprocal().reshape({1});
-    }
+  if (reduction == 1) {
+    const bool host = plain_cpu(x3);  // (as reduce_rows decides from the loss, x3's rows)
+    d = denominator(host, x3.options().dtype(acc), t.numel(), t, a, ignore_index, C, 1.0);
+    if (compute_grad)  // (inf if every row is ignored)
+      scale = host ? number_tensor(1.0 / d.host, {1}, x3.options().dtype(acc))
+                   : d.dev.reciprocal().reshape({1});
   }
   static auto fwd = typed_op<FocalFwd>("fusedloss::softmax_focal_fwd");
   auto [loss, grad] = fwd.call(x3, t, a, scale, ignore_index, gamma, compute_grad);
   FocalForward f;
-  f.out = reduce_rows(loss, t, a, ignore_index, C, reduction, 1.0).out;
+  f.out = reduce_rows(loss, reduction, std::move(d)).out;
   if (reduction == 0) f.out = f.out.view_symint(target.sym_sizes());
   f.out = cast(f.out, out_dtype);
   if (compute_grad) f.grad = grad.view_symint(input.sym_sizes());
